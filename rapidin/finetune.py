@@ -1,0 +1,80 @@
+"""Fine-tuning (full or LoRA) with the same tokenization and loss masking that attribution uses."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from .data import Example, tokenize
+from .gradients import collate, per_example_loss
+from .models import LoadedModel
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapter shape."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class FinetuneConfig(BaseModel):
+    """Training options."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(256, ge=2)
+    seed: int = 0
+    lora: LoraSettings | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+
+
+def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfig, progress: bool = True) -> LoadedModel:
+    """Train in place (AdamW, response-only loss) and return the model (wrapped with PEFT for LoRA)."""
+    torch.manual_seed(config.seed)
+    model = loaded.model
+    if config.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=0.0,
+                          target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    items = [tokenize(loaded.tokenizer, ex.prompt, ex.response, config.max_length) for ex in examples]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    steps = max(1, int(config.epochs * len(items) / config.batch_size))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    model.train()
+    for _ in tqdm(range(steps), desc="fine-tune", disable=not progress):
+        if len(order) < config.batch_size:
+            order += rng.sample(range(len(items)), len(items))
+        batch = [items[i] for i in order[: config.batch_size]]
+        del order[: config.batch_size]
+        ids, mask, loss_w = collate(batch, loaded.tokenizer.pad_token_id or 0, loaded.device)
+        loss = per_example_loss(model(input_ids=ids, attention_mask=mask).logits, ids, loss_w).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    loaded.model = model
+    loaded.has_adapter = config.lora is not None
+    return loaded
+
+
+def save(loaded: LoadedModel, out_dir: str | Path) -> Path:
+    """Save the model (or just the adapter, for LoRA) with its tokenizer."""
+    out_dir = Path(out_dir)
+    loaded.model.save_pretrained(out_dir)
+    loaded.tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,114 @@
+"""Per-example (and per-token) loss gradients in batches, layer-wise L2-normalised, fp32.
+
+One forward and one backward per batch: forward hooks keep each attributed Linear layer's input
+x[b, t, :], autograd gives the gradient of the summed per-example losses with respect to the layer's
+output g[b, t, :], and example b's weight gradient is sum_t g[b, t]^T x[b, t] (examples do not
+interact, so this equals a batch-1 loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import GradientConfig
+from .data import Tokenized
+from .models import LoadedModel, attributed_modules
+
+
+class GradientComputer:
+    """Computes normalised, concatenated gradients of the attributed Linear weights."""
+
+    def __init__(self, loaded: LoadedModel, config: GradientConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.modules = attributed_modules(loaded.model, config.params, loaded.has_adapter)
+        self._selected = {id(m.weight) for _, m in self.modules}
+        self.layout = [(f"{name}.weight", tuple(m.weight.shape)) for name, m in self.modules]
+        self.dim = sum(m.weight.numel() for _, m in self.modules)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model."""
+        return self.loaded.device
+
+    def gradients(self, items: Sequence[Tokenized], weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """[B, D] normalised gradients of each item's mean loss over its weighted target positions.
+
+        weights[b][t] (optional) weighs the loss of predicting token t; default: response tokens.
+        """
+        ids, mask, loss_w = collate(items, self.loaded.tokenizer.pad_token_id or 0, self.device, weights)
+        inputs: list[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []
+
+        def keep(_module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            inputs.append(args[0].detach())
+            outputs.append(out)
+
+        saved = [(p, p.requires_grad) for p in self.loaded.model.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(id(p) in self._selected)
+        handles = [m.register_forward_hook(keep) for _, m in self.modules]
+        try:
+            logits = self.loaded.model(input_ids=ids, attention_mask=mask).logits
+            loss = per_example_loss(logits, ids, loss_w).sum()
+            grads_out = torch.autograd.grad(loss, outputs)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in saved:
+                p.requires_grad_(flag)
+        return self._assemble(inputs, grads_out)
+
+    def _assemble(self, inputs: list[torch.Tensor], grads_out: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-example weight gradients, each tensor L2-normalised on its own, concatenated."""
+        pieces = []
+        for x, g in zip(inputs, grads_out, strict=True):
+            per_example = torch.einsum("bto,bti->boi", g.float(), x.float()).flatten(1)
+            if self.config.normalize:
+                per_example = per_example / per_example.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            pieces.append(per_example)
+        return torch.cat(pieces, dim=1)
+
+    def token_gradients(self, item: Tokenized, positions: Sequence[int]) -> torch.Tensor:
+        """[len(positions), D]: the gradient of each single target token's loss (batched copies)."""
+        rows = []
+        for start in range(0, len(positions), self.config.batch_size):
+            chunk = positions[start : start + self.config.batch_size]
+            weights = [_one_hot(len(item.input_ids), t) for t in chunk]
+            rows.append(self.gradients([item] * len(chunk), weights))
+        return torch.cat(rows) if rows else torch.zeros(0, self.dim, device=self.device)
+
+
+def collate(
+    items: Sequence[Tokenized], pad_id: int, device: torch.device, weights: Sequence[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and per-position loss weights (default: response tokens)."""
+    length = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    loss_w = torch.zeros((len(items), length), dtype=torch.float32)
+    for b, it in enumerate(items):
+        n = len(it.input_ids)
+        ids[b, :n] = torch.tensor(it.input_ids)
+        mask[b, :n] = 1
+        if weights is None:
+            loss_w[b, it.prompt_len : n] = 1.0
+        else:
+            loss_w[b, :n] = weights[b][:n]
+    return ids.to(device), mask.to(device), loss_w.to(device)
+
+
+def _one_hot(length: int, position: int) -> torch.Tensor:
+    w = torch.zeros(length)
+    w[position] = 1.0
+    return w
+
+
+def per_example_loss(logits: torch.Tensor, ids: torch.Tensor, loss_w: torch.Tensor) -> torch.Tensor:
+    """Weighted mean next-token cross-entropy per example (position t is predicted from t-1)."""
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_nll = -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    w = loss_w[:, 1:]
+    return (token_nll * w).sum(1) / w.sum(1).clamp_min(1e-12)

@@ -1,0 +1,171 @@
+"""Model references and loading: HF directory, GGUF file, LoRA adapter, fsspec URL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ModelError
+
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+_REMOTE = re.compile(r"^[a-z][a-z0-9+]*://")
+
+
+class ModelRef(BaseModel):
+    """Where a model lives and how to load it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str = Field(description="HF model directory, .gguf file, or fsspec URL of either.")
+    adapter: str | None = Field(None, description="PEFT/LoRA adapter directory (or URL) applied on top.")
+    name: str | None = Field(None, description="Model name in the store (default: from the path).")
+    version: str | None = Field(None, description="Model version in the store (default: fingerprint prefix).")
+    dtype: ModelDtype = Field("float32", description="Weights dtype on the device.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model (off unless asked).")
+
+    def display_name(self) -> str:
+        """Store-safe model name."""
+        raw = self.name or Path(self.path.rstrip("/")).name.removesuffix(".gguf") or "model"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
+
+
+@dataclass
+class LoadedModel:
+    """A model on its device with tokenizer, identity and whether an adapter is applied."""
+
+    model: Any
+    tokenizer: Any
+    ref: ModelRef
+    fingerprint: str
+    has_adapter: bool
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        """Model name used in the store and in tracking."""
+        return self.ref.display_name()
+
+    @property
+    def version(self) -> str:
+        """Model version used in the store and in tracking."""
+        return self.ref.version or self.fingerprint[:12]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; validates cuda:N."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device: unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device: '{device}' requested but CUDA is not available on this machine")
+    return dev
+
+
+def localize(path: str, cache_dir: str = "~/.cache/rapidin/models", storage_options: dict | None = None) -> str:
+    """Copy a remote (fsspec URL) model file or directory to a local cache dir; local paths pass through."""
+    if not _REMOTE.match(path) or path.startswith("file://"):
+        return path.removeprefix("file://")
+    target = Path(os.path.expanduser(cache_dir)) / hashlib.sha256(path.encode()).hexdigest()[:16]
+    done = target / ".complete"
+    if not done.exists():
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        try:
+            is_dir = fs.isdir(root)
+            target.mkdir(parents=True, exist_ok=True)
+            if is_dir:
+                fs.get(root.rstrip("/") + "/", str(target) + "/", recursive=True)
+            else:
+                fs.get(root, str(target / Path(root).name))
+        except FileNotFoundError:
+            raise ModelError(f"{path}: model not found") from None
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot fetch model ({type(exc).__name__}: {exc})") from None
+        done.touch()
+    files = [p for p in target.iterdir() if p.name != ".complete"]
+    return str(files[0]) if len(files) == 1 and files[0].suffix == ".gguf" else str(target)
+
+
+def load_model(
+    ref: ModelRef, device: str = "auto", storage_options: dict | None = None, cache_dir: str = "~/.cache/rapidin/models"
+) -> LoadedModel:
+    """Load tokenizer + causal LM (+ adapter) onto a device, in eval mode, with a weight fingerprint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    local = localize(ref.path, cache_dir, storage_options)
+    if not os.path.exists(local):
+        raise ModelError(f"{ref.path}: model path does not exist")
+    kwargs: dict[str, Any] = {"trust_remote_code": ref.trust_remote_code}
+    directory = local
+    if local.endswith(".gguf"):
+        directory, kwargs["gguf_file"] = str(Path(local).parent), Path(local).name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, ref.dtype), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{ref.path}: cannot load model ({_first_line(exc)})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if ref.adapter:
+        model = _apply_adapter(model, localize(ref.adapter, cache_dir, storage_options), ref.adapter)
+    model.to(dev).eval()
+    return LoadedModel(model, tokenizer, ref, model_fingerprint(model, tokenizer), bool(ref.adapter), dev)
+
+
+def _apply_adapter(model: Any, local: str, shown: str) -> Any:
+    from peft import PeftModel
+
+    if not os.path.exists(os.path.join(local, "adapter_config.json")):
+        raise ModelError(f"{shown}: not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, local, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelError(f"{shown}: adapter does not fit the base model ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def model_fingerprint(model: Any, tokenizer: Any) -> str:
+    """sha256 over every parameter and buffer (names, shapes, bytes) and the tokenizer vocabulary."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest.update(repr(vocab).encode())
+    return digest.hexdigest()[:32]
+
+
+def attributed_modules(model: Any, patterns: tuple[str, ...], has_adapter: bool) -> list[tuple[str, torch.nn.Linear]]:
+    """The nn.Linear modules whose weights are attributed (see GradientConfig.params)."""
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    linears = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied
+    ]
+    if patterns:
+        regexes = [re.compile(p) for p in patterns]
+        chosen = [(n, m) for n, m in linears if any(r.search(n + ".weight") for r in regexes)]
+        what = f"the patterns {list(patterns)}"
+    elif has_adapter:
+        chosen = [(n, m) for n, m in linears if ".lora_" in n]
+        what = "the adapter (no lora_ Linear layers)"
+    else:
+        chosen, what = linears, "the model (no nn.Linear layers)"
+    if not chosen:
+        raise ModelError(f"no attributed parameters match {what}")
+    return chosen

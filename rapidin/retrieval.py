@@ -1,0 +1,169 @@
+"""Streaming top-k retrieval over a cache: one matrix product per shard, exact merges.
+
+Ranking keys: helpful = score, harmful = -score, influential = |score|; ties go to the lower row
+number, so any split of the shards over workers merges to exactly the one-scan result.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+KINDS = ("helpful", "harmful", "influential")
+
+
+def _key(kind: str, scores: torch.Tensor) -> torch.Tensor:
+    if kind == "helpful":
+        return scores
+    if kind == "harmful":
+        return -scores
+    return scores.abs()
+
+
+@dataclass
+class TopK:
+    """Best k rows per query column for one ranking kind, with an optional payload per kept row."""
+
+    kind: str
+    k: int
+    scores: torch.Tensor  # [k', m]
+    rows: torch.Tensor  # [k', m] int64
+    payload: torch.Tensor | None = None  # [k', m, P]
+
+    @classmethod
+    def empty(cls, kind: str, k: int, m: int, payload_dim: int | None = None) -> TopK:
+        """No rows seen yet."""
+        payload = torch.zeros(0, m, payload_dim) if payload_dim is not None else None
+        return cls(kind, k, torch.zeros(0, m), torch.zeros(0, m, dtype=torch.long), payload)
+
+    def update(self, scores: torch.Tensor, rows: torch.Tensor, payload: torch.Tensor | None = None) -> TopK:
+        """Merge candidates scores [n, m] for rows [n] (or [n, m]) and payload [n, m, P]."""
+        rows = rows.reshape(-1, 1).expand_as(scores) if rows.dim() == 1 else rows
+        all_scores = torch.cat([self.scores, scores.float().cpu()])
+        all_rows = torch.cat([self.rows, rows.long().cpu()])
+        by_row = torch.sort(all_rows, dim=0, stable=True).indices
+        all_scores, all_rows = all_scores.gather(0, by_row), all_rows.gather(0, by_row)
+        order = torch.sort(_key(self.kind, all_scores), dim=0, descending=True, stable=True).indices[: self.k]
+        new_payload = None
+        if self.payload is not None and payload is not None:
+            all_payload = torch.cat([self.payload, payload.float().cpu()])
+            expand = lambda idx: idx[..., None].expand(-1, -1, all_payload.shape[2])  # noqa: E731
+            new_payload = all_payload.gather(0, expand(by_row)).gather(0, expand(order))
+        return TopK(self.kind, self.k, all_scores.gather(0, order), all_rows.gather(0, order), new_payload)
+
+    def merge(self, other: TopK) -> TopK:
+        """Exact merge of two partial results over disjoint rows."""
+        return self.update(other.scores, other.rows, other.payload)
+
+
+@dataclass
+class QueryGroup:
+    """One generation's queries: column 0 is the whole (or target) query, then one per generated token."""
+
+    whole: torch.Tensor  # [K]
+    tokens: torch.Tensor | None = None  # [T, K]
+
+
+@dataclass
+class ScanResult:
+    """Running top-k per generation: whole-query lists (with per-token payload) and per-token lists."""
+
+    k: int
+    whole: list[dict[str, TopK]] = field(default_factory=list)
+    tokens: list[dict[str, TopK] | None] = field(default_factory=list)
+    rows_scanned: int = 0
+    bytes_scanned: int = 0
+    all_scores: list[torch.Tensor] | None = None  # optional whole-query score of every row, per generation
+    all_rows: torch.Tensor | None = None  # the rows those scores belong to
+
+    def merge(self, other: ScanResult) -> ScanResult:
+        """Exact merge of scans over disjoint shards."""
+        merged = ScanResult(self.k, rows_scanned=self.rows_scanned + other.rows_scanned,
+                            bytes_scanned=self.bytes_scanned + other.bytes_scanned)
+        merged.whole = [{kd: a[kd].merge(b[kd]) for kd in KINDS} for a, b in zip(self.whole, other.whole, strict=True)]
+        merged.tokens = [
+            None if a is None else {kd: a[kd].merge(b[kd]) for kd in KINDS}
+            for a, b in zip(self.tokens, other.tokens, strict=True)
+        ]
+        return merged
+
+    def to_bytes(self) -> bytes:
+        """Serialise with safetensors (no pickle) to pass between workers."""
+        tensors: dict[str, torch.Tensor] = {}
+        for g, (whole, tokens) in enumerate(zip(self.whole, self.tokens, strict=True)):
+            for prefix, group in (("w", whole), ("t", tokens)):
+                for kd, top in (group or {}).items():
+                    tensors[f"{prefix}.{g}.{kd}.scores"] = top.scores.contiguous()
+                    tensors[f"{prefix}.{g}.{kd}.rows"] = top.rows.contiguous()
+                    if top.payload is not None:
+                        tensors[f"{prefix}.{g}.{kd}.payload"] = top.payload.contiguous()
+        meta = {"k": str(self.k), "groups": str(len(self.whole)), "rows_scanned": str(self.rows_scanned),
+                "bytes_scanned": str(self.bytes_scanned),
+                "has_tokens": ",".join("1" if t is not None else "0" for t in self.tokens)}
+        return st_save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ScanResult:
+        """Inverse of to_bytes."""
+        header_len = struct.unpack("<Q", data[:8])[0]
+        meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
+        tensors = st_load(data)
+        result = cls(int(meta["k"]), rows_scanned=int(meta["rows_scanned"]), bytes_scanned=int(meta["bytes_scanned"]))
+        flags = meta["has_tokens"].split(",") if meta["has_tokens"] else []
+        for g in range(int(meta["groups"])):
+            result.whole.append({kd: _top_from(tensors, f"w.{g}.{kd}", kd, result.k) for kd in KINDS})
+            result.tokens.append({kd: _top_from(tensors, f"t.{g}.{kd}", kd, result.k) for kd in KINDS}
+                                 if flags[g] == "1" else None)
+        return result
+
+
+def _top_from(tensors: dict[str, torch.Tensor], prefix: str, kind: str, k: int) -> TopK:
+    return TopK(kind, k, tensors[f"{prefix}.scores"], tensors[f"{prefix}.rows"], tensors.get(f"{prefix}.payload"))
+
+
+def new_scan(groups: list[QueryGroup], k: int, keep_all_scores: bool = False) -> ScanResult:
+    """An empty scan for these query groups."""
+    result = ScanResult(k, all_scores=[] if keep_all_scores else None,
+                        all_rows=torch.zeros(0, dtype=torch.long) if keep_all_scores else None)
+    for g in groups:
+        t = 0 if g.tokens is None else g.tokens.shape[0]
+        result.whole.append({kd: TopK.empty(kd, k, 1, t) for kd in KINDS})
+        result.tokens.append(None if g.tokens is None else {kd: TopK.empty(kd, k, t) for kd in KINDS})
+        if keep_all_scores:
+            result.all_scores.append(torch.zeros(0))
+    return result
+
+
+def scan(
+    shards: Iterable[tuple[torch.Tensor, torch.Tensor]], groups: list[QueryGroup], k: int,
+    device: torch.device | str = "cpu", keep_all_scores: bool = False,
+) -> ScanResult:
+    """Score every query group against a stream of (vectors [n, K], rows [n]) shards."""
+    columns = [torch.cat([g.whole[None], g.tokens]) if g.tokens is not None else g.whole[None] for g in groups]
+    spans, start = [], 0
+    for c in columns:
+        spans.append((start, start + c.shape[0]))
+        start += c.shape[0]
+    queries = torch.cat(columns).to(device, torch.float32)  # [Q, K]
+    result = new_scan(groups, k, keep_all_scores)
+    for vectors, rows in shards:
+        scores = (vectors.to(device, torch.float32) @ queries.T).cpu()  # [n, Q]
+        result.rows_scanned += rows.numel()
+        if keep_all_scores:
+            result.all_rows = torch.cat([result.all_rows, rows.long()])
+        result.bytes_scanned += vectors.numel() * vectors.element_size()
+        for g, (a, b) in enumerate(spans):
+            block = scores[:, a:b]
+            payload = block[:, None, 1:]  # [n, 1, T]
+            result.whole[g] = {kd: top.update(block[:, :1], rows, payload) for kd, top in result.whole[g].items()}
+            if result.tokens[g] is not None:
+                result.tokens[g] = {kd: top.update(block[:, 1:], rows) for kd, top in result.tokens[g].items()}
+            if keep_all_scores:
+                result.all_scores[g] = torch.cat([result.all_scores[g], block[:, 0]])
+    return result

@@ -1,0 +1,240 @@
+"""The gradient cache on any fsspec URL: manifest, committed safetensors shards, examples table.
+
+Layout: {root}/{model}/{version}/{cache_id}/manifest.json, shards/shard-NNNNNN.safetensors with a
+commit record shards/shard-NNNNNN.json written after it (the per-shard completion flag), and
+examples.parquet. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .config import GradientConfig
+from .errors import CacheError, StorageError
+from .sketch import RapidGradSpec
+
+SCHEMA_VERSION = 1
+
+
+class ShardInfo(BaseModel):
+    """A committed shard: its row range, the rows present, and its checksum."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    start: int
+    stop: int
+    rows: int
+    file: str
+    sha256: str
+    bytes: int
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    """Everything that identifies and describes a cache."""
+
+    schema_version: int = SCHEMA_VERSION
+    cache_id: str
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    gradient: GradientConfig
+    sketch: RapidGradSpec
+    layout: list[tuple[str, tuple[int, ...]]]
+    shard_rows: int
+    num_rows: int
+    complete: bool = False
+    shards: list[ShardInfo] = Field(default_factory=list)
+    rapidin_version: str = ""
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    timings: dict[str, float] = Field(default_factory=dict)
+    stats: dict[str, int] = Field(default_factory=dict)
+
+    @property
+    def num_shards(self) -> int:
+        """Planned shard count."""
+        return -(-self.num_rows // self.shard_rows)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        """[start, stop) rows of shard `index`."""
+        return index * self.shard_rows, min((index + 1) * self.shard_rows, self.num_rows)
+
+
+def compute_cache_id(model_fp: str, data_fp: str, gradient: GradientConfig, sketch: RapidGradSpec, layout: list) -> str:
+    """Hash of everything that changes the cached numbers."""
+    payload = json.dumps(
+        {"schema": SCHEMA_VERSION, "model": model_fp, "data": data_fp, "gradient": gradient.fingerprint_fields(),
+         "sketch": sketch.model_dump(), "layout": layout},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _storage(action: str, url: str, exc: BaseException) -> StorageError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StorageError(f"{url}: cannot {action} ({type(exc).__name__}: {reason[:200]})")
+
+
+class CacheStore:
+    """One cache directory on an fsspec filesystem."""
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise _storage("open storage", url, exc) from None
+        self._local = "file" in _protocols(self.fs)
+
+    @staticmethod
+    def location(root: str, model: str, version: str, cache_id: str) -> str:
+        """URL of a cache under a store root."""
+        return f"{root.rstrip('/')}/{model}/{version}/{cache_id}"
+
+    def _p(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Atomic write: temp file + rename locally; a single PUT (atomic by itself) on object stores."""
+        path = self._p(name)
+        try:
+            if self._local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as exc:
+            raise _storage(f"write {name}", self.url, exc) from None
+
+    def read_bytes(self, name: str) -> bytes:
+        """Read a file of the cache."""
+        try:
+            return self.fs.cat_file(self._p(name))
+        except FileNotFoundError:
+            raise CacheError(f"{self.url}: {name} not found") from None
+        except OSError as exc:
+            raise _storage(f"read {name}", self.url, exc) from None
+
+    def exists(self, name: str) -> bool:
+        """Whether a file exists in the cache."""
+        try:
+            return self.fs.exists(self._p(name))
+        except OSError as exc:
+            raise _storage("reach storage", self.url, exc) from None
+
+    def read_manifest(self) -> Manifest:
+        """The manifest, validated."""
+        raw = self.read_bytes("manifest.json")
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except ValueError as exc:
+            raise CacheError(f"{self.url}/manifest.json: invalid manifest ({str(exc).splitlines()[0]})") from None
+        if manifest.schema_version != SCHEMA_VERSION:
+            raise CacheError(f"{self.url}: cache schema {manifest.schema_version} is not supported ({SCHEMA_VERSION})")
+        return manifest
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Write the manifest atomically."""
+        self.write_bytes("manifest.json", manifest.model_dump_json(indent=2).encode())
+
+    @staticmethod
+    def shard_name(index: int) -> str:
+        """Relative path of a shard file."""
+        return f"shards/shard-{index:06d}.safetensors"
+
+    def commit_shard(self, index: int, start: int, stop: int, vectors: torch.Tensor, rows: torch.Tensor,
+                     seconds: dict[str, float]) -> ShardInfo:
+        """Write the shard, then its commit record: a shard counts only once its record exists."""
+        data = st_save({"vectors": vectors.contiguous().cpu(), "rows": rows.to(torch.int64).cpu()},
+                       metadata={"start": str(start), "stop": str(stop)})
+        name = self.shard_name(index)
+        info = ShardInfo(index=index, start=start, stop=stop, rows=int(rows.numel()), file=name,
+                         sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), seconds=seconds)
+        self.write_bytes(name, data)
+        self.write_bytes(name.replace(".safetensors", ".json"), info.model_dump_json().encode())
+        return info
+
+    def committed_shard(self, index: int, verify: bool = True) -> ShardInfo | None:
+        """The commit record of a shard if it exists and (optionally) its file matches the checksum."""
+        record = self.shard_name(index).replace(".safetensors", ".json")
+        if not self.exists(record):
+            return None
+        info = ShardInfo.model_validate_json(self.read_bytes(record))
+        if verify:
+            try:
+                data = self.read_bytes(info.file)
+            except CacheError:
+                return None
+            if hashlib.sha256(data).hexdigest() != info.sha256:
+                return None
+        return info
+
+    def load_shard(self, info: ShardInfo, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vectors [n, K], rows [n]) of a committed shard; a checksum mismatch is a CacheError."""
+        data = self.read_bytes(info.file)
+        if verify and hashlib.sha256(data).hexdigest() != info.sha256:
+            raise CacheError(f"{self.url}/{info.file}: checksum mismatch (corrupted shard); rebuild with `rapidin cache`")
+        tensors = st_load(data)
+        return tensors["vectors"], tensors["rows"]
+
+    def iter_shards(self, shards: list[ShardInfo], verify: bool = True) -> Iterator[tuple[ShardInfo, torch.Tensor, torch.Tensor]]:
+        """Stream shards one at a time, reading the next while the caller works on the current one."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.load_shard, shards[0], verify) if shards else None
+            for i, info in enumerate(shards):
+                vectors, rows = pending.result()
+                pending = pool.submit(self.load_shard, shards[i + 1], verify) if i + 1 < len(shards) else None
+                yield info, vectors, rows
+
+    def write_table(self, name: str, rows: list[dict]) -> None:
+        """Write a Parquet table atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        self.write_bytes(name, buf.getvalue())
+
+    def read_table(self, name: str) -> list[dict]:
+        """Read a Parquet table."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+
+
+def _protocols(fs: Any) -> set[str]:
+    proto = fs.protocol
+    return set(proto) if isinstance(proto, (tuple, list)) else {proto}
+
+
+def find_caches(root: str, model: str, version: str, storage_options: dict | None = None) -> list[str]:
+    """URLs of the caches (with a manifest) of one model version under a store root."""
+    base = f"{root.rstrip('/')}/{model}/{version}"
+    try:
+        fs, path = fsspec.core.url_to_fs(base, **(storage_options or {}))
+        if not fs.exists(path):
+            return []
+        entries = fs.ls(path, detail=False)
+    except OSError as exc:
+        raise _storage("list caches", base, exc) from None
+    return [f"{base}/{e.rstrip('/').rsplit('/', 1)[-1]}" for e in sorted(entries) if fs.exists(f"{e}/manifest.json")]
