@@ -153,11 +153,9 @@ def finalize_cache(plan: CachePlan, extra_timings: dict[str, float] | None = Non
 
 
 def build_cache(loaded: LoadedModel, data_url: str, store_root: str, progress: bool = True, **options) -> Manifest:
-    """plan_cache + build_shards + finalize_cache; a rerun resumes from committed shards."""
+    """plan_cache + build_shards + finalize_cache; a rerun skips intact shards and rebuilds corrupted ones."""
     t0 = time.perf_counter()
     plan = plan_cache(loaded, data_url, store_root, **options)
-    if plan.manifest.complete:
-        return plan.manifest
     build_shards(plan, loaded, progress=progress)
     return finalize_cache(plan, {"total": time.perf_counter() - t0})
 

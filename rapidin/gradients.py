@@ -65,7 +65,8 @@ class GradientComputer:
         """Per-example weight gradients, each tensor L2-normalised on its own, concatenated."""
         pieces = []
         for x, g in zip(inputs, grads_out, strict=True):
-            per_example = torch.einsum("bto,bti->boi", g.float(), x.float()).flatten(1)
+            dtype = torch.promote_types(g.dtype, torch.float32)  # at least fp32 accumulation
+            per_example = torch.einsum("bto,bti->boi", g.to(dtype), x.to(dtype)).flatten(1)
             if self.config.normalize:
                 per_example = per_example / per_example.norm(dim=1, keepdim=True).clamp_min(1e-30)
             pieces.append(per_example)
@@ -108,7 +109,7 @@ def _one_hot(length: int, position: int) -> torch.Tensor:
 
 def per_example_loss(logits: torch.Tensor, ids: torch.Tensor, loss_w: torch.Tensor) -> torch.Tensor:
     """Weighted mean next-token cross-entropy per example (position t is predicted from t-1)."""
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    log_probs = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     token_nll = -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
     w = loss_w[:, 1:]
     return (token_nll * w).sum(1) / w.sum(1).clamp_min(1e-12)

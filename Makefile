@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make demo` and `make test` (each installs what it needs).
+PY ?= .venv/bin/python
+STAMP := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export MLFLOW_DISABLE_TELEMETRY = true
+export DO_NOT_TRACK = 1
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: install demo test clean
+install: $(STAMP)
+
+# torch first, pinned: the CPU build lies on local disk; an unpinned torch would pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -e ".[dev]"
+	rm -f .venv/.installed-* && touch $@
+
+demo: install
+	$(PY) -m rapidin.cli demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf .rapidin .pytest_cache
+
+-include infra/local/stack.mk
+-include benchmarks/bench.mk
