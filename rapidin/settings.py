@@ -18,10 +18,13 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr | None = Field(None, description="S3 secret access key.")
     mlflow_tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     mlflow_experiment: str = Field("rapidin", description="MLflow experiment name.")
+    mlflow_artifact_location: str | None = Field(
+        None, description="Artifact root for a new MLflow experiment (None: the tracking server's default).")
     prefect_api_url: str | None = Field(None, description="Prefect API URL; None uses the ephemeral API.")
     cpu_pool: str = Field("cpu", description="Prefect work pool for CPU tasks.")
     gpu_pool: str = Field("gpu", description="Prefect work pool for gradient and scan runs.")
     gpu_queues: int = Field(1, ge=1, description="Number of GPU work queues gpu-0..gpu-(N-1).")
+    poll_seconds: float = Field(2.0, gt=0, description="How often a flow polls the runs it dispatched.")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
     k: int = Field(2**16, description="Default sketch dimension K.")
     lam: int = Field(20, description="Default number of RapidGrad shuffle rounds.")
