@@ -1,0 +1,147 @@
+"""The local real-service stack: SeaweedFS through s3fs, process stopping, Prefect + MLflow servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from infra.local.stack import S3Service, pid_alive, start_mlflow_server, start_prefect_server, stop_pid
+
+# Idempotent with a root conftest that lists the same plugin (pytest registers a module once).
+pytest_plugins = ["tests.s3_fixtures"]
+
+
+def _fs(s3: S3Service, **overrides: str) -> fsspec.AbstractFileSystem:
+    """A fresh s3fs filesystem for s3 (no instance cache, so bad credentials are not shared)."""
+    opts = {**s3.storage_options(), **overrides}
+    return fsspec.filesystem("s3", skip_instance_cache=True, **opts)
+
+
+def test_seaweed_roundtrip_and_listing(seaweed_s3: S3Service) -> None:
+    """Bytes written through s3fs read back identically and show up in listings."""
+    fs = _fs(seaweed_s3)
+    prefix = f"{seaweed_s3.bucket}/stack-test/{uuid.uuid4().hex}"
+    payload = bytes(range(256)) * 1000
+    fs.pipe(f"{prefix}/a.bin", payload)
+    fs.pipe(f"{prefix}/sub/b.txt", b"hello")
+    assert fs.cat(f"{prefix}/a.bin") == payload
+    assert sorted(fs.ls(prefix, detail=False)) == [f"{prefix}/a.bin", f"{prefix}/sub"]
+    assert fs.find(prefix) == [f"{prefix}/a.bin", f"{prefix}/sub/b.txt"]
+    assert fs.info(f"{prefix}/a.bin")["size"] == len(payload)
+    assert seaweed_s3.bucket in [b["Name"] for b in seaweed_s3.client().list_buckets()["Buckets"]]
+
+
+@pytest.mark.parametrize("field", ["secret", "key"])
+def test_seaweed_rejects_wrong_credentials(seaweed_s3: S3Service, field: str) -> None:
+    """A wrong secret or an unknown key is refused (PermissionError from s3fs), not served."""
+    fs = _fs(seaweed_s3, **{field: "wrong-" + uuid.uuid4().hex})
+    with pytest.raises(PermissionError):
+        fs.ls(seaweed_s3.bucket)
+    with pytest.raises(PermissionError):
+        fs.pipe(f"{seaweed_s3.bucket}/should-not-exist", b"x")
+    assert not _fs(seaweed_s3).exists(f"{seaweed_s3.bucket}/should-not-exist")
+
+
+def _spawn_python(code: str) -> subprocess.Popen:
+    """Run python -c code in its own session; it must print one line once ready."""
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+IGNORE_TERM = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+
+
+def test_stop_pid_kills_a_child_that_ignores_sigterm() -> None:
+    """SIGTERM is ignored, so stop_pid waits out the timeout and then SIGKILLs."""
+    proc = _spawn_python(IGNORE_TERM)
+    assert proc.stdout.readline().strip() == "ready"  # handler installed before we signal
+    t0 = time.monotonic()
+    assert stop_pid(proc.pid, timeout=1.0) is True
+    elapsed = time.monotonic() - t0
+    assert 1.0 <= elapsed < 4.0
+    assert not pid_alive(proc.pid)
+    assert stop_pid(proc.pid, timeout=1.0) is False  # already gone: nothing to do
+    proc.stdout.close()
+
+
+def test_stop_pid_is_quick_for_a_polite_child() -> None:
+    """A child that honours SIGTERM stops well before the timeout."""
+    proc = _spawn_python("import time; print('ready', flush=True); time.sleep(60)")
+    proc.stdout.readline()
+    t0 = time.monotonic()
+    assert stop_pid(proc.pid, timeout=10.0) is True
+    assert time.monotonic() - t0 < 2.0
+    assert not pid_alive(proc.pid)
+    proc.stdout.close()
+
+
+def test_stop_pid_kills_the_whole_group() -> None:
+    """A SIGTERM-ignoring grandchild in the child's process group is SIGKILLed with it."""
+    code = (
+        "import subprocess,sys,time\n"
+        f"g = subprocess.Popen([sys.executable, '-c', {IGNORE_TERM!r}], stdout=subprocess.PIPE, text=True)\n"
+        "g.stdout.readline(); print(g.pid, flush=True); time.sleep(60)\n"
+    )
+    proc = _spawn_python(code)
+    grandchild = int(proc.stdout.readline())
+    assert pid_alive(grandchild)
+    t0 = time.monotonic()
+    assert stop_pid(proc.pid, timeout=1.0) is True
+    assert 1.0 <= time.monotonic() - t0 < 4.0  # the grandchild waited out SIGTERM
+    assert not pid_alive(proc.pid) and not pid_alive(grandchild)
+    proc.stdout.close()
+
+
+def test_stop_pid_refuses_a_reused_pid() -> None:
+    """A start time that does not match (pid reused by another process) leaves the process alone."""
+    proc = _spawn_python(IGNORE_TERM)
+    proc.stdout.readline()
+    try:
+        assert stop_pid(proc.pid, timeout=1.0, started=1) is False
+        assert pid_alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_prefect_and_mlflow_servers_with_s3_artifacts(
+    seaweed_s3: S3Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both servers come up healthy, an MLflow artifact lands in the S3 bucket, and stop leaves no pid."""
+    import httpx
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "1")
+    with ThreadPoolExecutor(2) as ex:  # start-ups overlap: both mostly wait on imports and migrations
+        f_pf = ex.submit(start_prefect_server, tmp_path / "prefect", ui=False)
+        f_ml = ex.submit(start_mlflow_server, tmp_path / "mlflow", seaweed_s3)
+        services = [f.result() for f in (f_pf, f_ml)]
+    prefect, mlflow = services
+    try:
+        assert httpx.get(f"{prefect.url}/health", timeout=5).json() is True
+        assert httpx.get(f"{mlflow.url}/health", timeout=5).status_code == 200
+
+        client = MlflowClient(tracking_uri=mlflow.url)
+        exp = client.create_experiment(f"stack-{uuid.uuid4().hex[:8]}")
+        run = client.create_run(exp)
+        client.log_text(run.info.run_id, "influence!", "notes/hello.txt")
+        client.set_terminated(run.info.run_id)
+
+        s3 = seaweed_s3.client()
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=seaweed_s3.bucket, Prefix="mlflow/")["Contents"]]
+        key = next(k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt"))
+        assert s3.get_object(Bucket=seaweed_s3.bucket, Key=key)["Body"].read() == b"influence!"
+    finally:
+        for svc in services:
+            svc.stop()
+    assert not any(pid_alive(s.pid) for s in services)
