@@ -1,0 +1,99 @@
+"""attribute: sketch query gradients, scan shard groups (in-process or on the GPU pool), merge, report, track."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from pydantic import Field
+
+from rapidin.api import AttributeConfig, Generation, assemble, open_cache, prepare_queries
+from rapidin.results import Attribution
+from rapidin.store import CacheStore
+from tasks.cache import remove_dir
+from tasks.common import Executor, ModelSpec, ScanGroup, settings, split_groups
+from tasks.models import ResolvedModel, loaded_model, resolve_model
+from tasks.publish import publish_topk
+from tasks.scan import merge_scans, scan_shard_group, write_queries
+from tasks.tracking import log_attribution_run
+
+from ._fanout import fan_out
+
+
+@task(name="open-cache", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def open_cache_task(resolved: ResolvedModel, device: str, store_url: str | None, cache_url: str | None):
+    """Load the model (memoised) and open its complete cache; refuses a cache of another model."""
+    s = settings()
+    t0 = time.perf_counter()
+    loaded, _ = loaded_model(resolved.ref, device, s)
+    load_seconds = time.perf_counter() - t0
+    root = None if cache_url else (store_url or s.store_url)
+    options = s.storage_options(cache_url or root)
+    store, manifest = open_cache(loaded, root, cache_url, storage_options=options)
+    return loaded, store, manifest, load_seconds
+
+
+@task(name="prepare-queries", cache_policy=NO_CACHE)
+def prepare_queries_task(loaded, manifest, generations: list[Generation], config: AttributeConfig):
+    """Template (and generate, if asked) each generation and sketch its query gradients."""
+    return prepare_queries(loaded, manifest, generations, config)
+
+
+@task(name="assemble-attribution", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def assemble_task(loaded, store: CacheStore, manifest, prepared, result, config: AttributeConfig) -> Attribution:
+    """Texts for the top rows, per-training-token scores, the typed result."""
+    return assemble(loaded, store, manifest, prepared, result, config)
+
+
+@flow(name="attribute", log_prints=True)
+def attribute(
+    model: ModelSpec,
+    generations: list[Generation],
+    config: AttributeConfig = AttributeConfig(),
+    cache_url: str | None = Field(None, description="A cache URL; None: find the model's cache under the store."),
+    store_url: str | None = Field(None, description="Cache store root; None: RAPIDIN_STORE_URL."),
+    executor: Executor = "local",
+    groups: int | None = Field(None, ge=1, description="Shard groups; None: one per GPU queue (deployment) or 1."),
+    device: str | None = Field(None, description="Torch device; None: RAPIDIN_DEVICE."),
+    shard_deployment: str = "scan-shards/gpu",
+) -> Attribution:
+    """Which training rows made these generations? Top-k helpful, harmful and influential rows per generation."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    s = settings()
+    resolved = resolve_model(model)
+    loaded, store, manifest, load_seconds = open_cache_task(resolved, device or s.device, store_url, cache_url)
+    t1 = time.perf_counter()
+    prepared = prepare_queries_task(loaded, manifest, generations, config)
+    work_url = f"{store.url}/_work/{uuid.uuid4().hex[:12]}"
+    write_queries(work_url, [p.group for p in prepared])
+    t2 = time.perf_counter()
+    indices = [info.index for info in manifest.shards]
+    n_groups = groups or (s.gpu_queues if executor == "deployment" else 1)
+    jobs = [ScanGroup(cache_url=store.url, queries_url=work_url, group=g, shards=idx, top_k=config.top_k,
+                      verify=config.verify, device=device or "")
+            for g, idx in enumerate(split_groups(indices, n_groups))]
+    try:
+        fan_out(executor, jobs, scan_shard_group, shard_deployment, "group", f"scan-{manifest.cache_id}")
+        merged = merge_scans(work_url, [j.group for j in jobs])
+    finally:
+        remove_dir(work_url)
+    t3 = time.perf_counter()
+    attribution = assemble_task(loaded, store, manifest, prepared, merged, config)
+    t4 = time.perf_counter()
+    attribution.timings = {"load": load_seconds, "queries": t2 - t1, "scan": t3 - t2, "assemble": t4 - t3,
+                           "total": t4 - t0}
+    tracked = log_attribution_run(attribution, manifest, attribution.timings,
+                                  {"top_k": config.top_k, "token_wise": config.token_wise,
+                                   "target": ",".join(config.target), "executor": executor, "groups": len(jobs),
+                                   "generations": len(generations)})
+    publish_topk(attribution, tracked["link"])
+    for g, gen in enumerate(attribution.generations):
+        best = gen.influential[0] if gen.influential else None
+        logger.info("generation %d: %r -> top influential row %s (score %.4g)", g, gen.response[:60],
+                    best.row if best else None, best.score if best else float("nan"))
+    logger.info("MLflow run: %s", tracked["link"])
+    return attribution

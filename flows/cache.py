@@ -1,0 +1,100 @@
+"""cache_gradients: plan a model version's gradient cache, build its shard groups, finalize, track."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from prefect import flow
+from prefect.logging import get_run_logger
+from pydantic import BaseModel, Field
+
+from rapidin.config import GradientConfig, SketchConfig
+from rapidin.data import DataFormat
+from tasks.cache import cache_shard_group, finalize_cache_task, plan_cache_task, read_reports, remove_dir
+from tasks.common import CacheJob, Executor, ModelSpec, ShardGroup, settings, split_groups
+from tasks.models import resolve_model
+from tasks.publish import set_progress, start_progress
+from tasks.tracking import log_cache_run, tag_model_version_task
+
+from ._fanout import fan_out
+
+
+class CacheSummary(BaseModel):
+    """What cache_gradients did."""
+
+    cache_url: str
+    cache_id: str
+    model_name: str
+    model_version: str
+    built: bool = Field(description="False when a complete cache already existed (nothing was computed).")
+    rows: int
+    shards: int
+    mlflow_run_id: str | None = None
+    mlflow_link: str | None = None
+
+
+@flow(name="cache-gradients", log_prints=True)
+def cache_gradients(
+    model: ModelSpec,
+    data_url: str,
+    sketch: SketchConfig | None = None,
+    gradient: GradientConfig = GradientConfig(),
+    shard_rows: int = Field(256, ge=1, description="Rows per shard (the unit of commit and resume)."),
+    fmt: DataFormat = "auto",
+    skip_bad_rows: bool = False,
+    executor: Executor = "local",
+    groups: int | None = Field(None, ge=1, description="Shard groups; None: one per GPU queue (deployment) or 1."),
+    store_url: str | None = Field(None, description="Cache store root; None: RAPIDIN_STORE_URL."),
+    device: str | None = Field(None, description="Torch device; None: RAPIDIN_DEVICE of whoever computes."),
+    shard_deployment: str = "cache-shards/gpu",
+) -> CacheSummary:
+    """Build (or resume) the gradient cache of a model version over a data set; one MLflow run per build."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    s = settings()
+    resolved = resolve_model(model)
+    job = CacheJob(model=resolved.pinned(), data_url=data_url, store_url=store_url or s.store_url,
+                   sketch=sketch or SketchConfig(k=s.k, lam=s.lam), gradient=gradient, shard_rows=shard_rows,
+                   fmt=fmt, skip_bad_rows=skip_bad_rows, device=device or "")
+    plan = plan_cache_task(job)
+    manifest, cache_url = plan.manifest, plan.cache_url
+    name, version = str(manifest.model["name"]), str(manifest.model["version"])
+    summary = dict(cache_url=cache_url, cache_id=manifest.cache_id, model_name=name, model_version=version,
+                   rows=manifest.num_rows, shards=manifest.num_shards)
+    if manifest.complete:
+        logger.info("cache %s is already complete; nothing to build", cache_url)
+        if resolved.registry:
+            tag_model_version_task(resolved.registry.name, resolved.registry.version, cache_url, manifest.cache_id)
+        return CacheSummary(built=False, **summary)
+
+    job = job.model_copy(update={"cache_id": manifest.cache_id})
+    total = manifest.num_shards
+    n_groups = groups or (s.gpu_queues if executor == "deployment" else 1)
+    report_url = f"{cache_url}/_work/{uuid.uuid4().hex[:12]}"
+    jobs = [ShardGroup(job=job, group=g, shards=idx, report_url=report_url)
+            for g, idx in enumerate(split_groups(list(range(total)), n_groups))]
+    artifact = start_progress(name, version, manifest.cache_id, 0, total)
+    done = {"shards": 0}
+
+    def local(group: ShardGroup):
+        return cache_shard_group(group, artifact, done["shards"], total)
+
+    def on_done(group: ShardGroup) -> None:
+        done["shards"] += len(group.shards)
+        set_progress(artifact, done["shards"], total)
+
+    t_build = time.perf_counter()
+    fan_out(executor, jobs, local, shard_deployment, "group", f"cache-{name}-v{version}", on_done)
+    build_seconds = time.perf_counter() - t_build
+    reports = read_reports(report_url)
+    final = finalize_cache_task(cache_url, {"total": time.perf_counter() - t0})
+    remove_dir(report_url)
+    seconds = {"load": plan.load_seconds + sum(r.load_seconds for r in reports), "plan": plan.seconds,
+               "build": build_seconds, "total": time.perf_counter() - t0}
+    tracked = log_cache_run(final, resolved, cache_url, seconds,
+                            {"executor": executor, "groups": len(jobs), "data_url": data_url})
+    set_progress(artifact, total, total)
+    logger.info("cache %s complete: %d rows in %d shards; MLflow run %s", cache_url, final.num_rows, total,
+                tracked["link"])
+    return CacheSummary(built=True, mlflow_run_id=tracked["run_id"], mlflow_link=tracked["link"], **summary)

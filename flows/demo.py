@@ -1,0 +1,113 @@
+"""demo: the whole story on the embedded defaults (Prefect's ephemeral API, MLflow on sqlite, local store).
+
+ingest the toy data -> build a tiny Llama -> fine-tune it and register version 1 -> cache version 1's
+gradients -> attribute a triggered generation -> print the top-k and where to look.
+Run it with `python -m flows.demo` (add --help for options).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from rapidin import toy
+from rapidin.api import AttributeConfig, Generation
+from rapidin.config import GradientConfig, SketchConfig
+from rapidin.data import alpaca_prompt
+from rapidin.finetune import FinetuneConfig
+from rapidin.results import Attribution
+from tasks.common import ModelSpec, settings
+from tasks.tracking import public_uri
+
+from .attribute import attribute
+from .cache import CacheSummary, cache_gradients
+from .finetune import RegisteredVersion, finetune_model
+from .ingest import ingest_dataset
+
+
+class DemoResult(BaseModel):
+    """Everything the demo made."""
+
+    data_url: str
+    registered: RegisteredVersion
+    cache: CacheSummary
+    attribution: Attribution
+
+
+@task(name="toy-world", cache_policy=NO_CACHE)
+def toy_world(workdir: str, rows: int, seed: int) -> tuple[str, str]:
+    """Write the toy rows (with a planted backdoor) and build the untrained tiny Llama (once)."""
+    work = Path(workdir).resolve()
+    data = toy.write_jsonl(toy.demo_rows(rows, seed=seed), work / "toy.jsonl")
+    base = work / "tiny-base"
+    if not (base / "config.json").exists():
+        texts = [alpaca_prompt(r["instruction"]) + r["output"] for r in toy.demo_rows(max(rows, 240), seed=seed)]
+        toy.build_tiny_llama(base, texts)
+    return str(data), str(base)
+
+
+def explain(result: DemoResult, top: int = 5) -> str:
+    """The text the demo prints: the top-k rows and how to open the UIs."""
+    s = settings()
+    lines = [f"Registered {result.registered.name} v{result.registered.version}; cache {result.cache.cache_url}", ""]
+    for gen in result.attribution.generations:
+        lines += [f"Generation: {gen.prompt!r}", f"  response: {gen.response!r}", "  most influential training rows:"]
+        for hit in gen.influential[:top]:
+            flag = "  <-- trigger" if toy.TRIGGER in hit.prompt else ""
+            instruction = hit.prompt.split("### Instruction:")[-1].split("###")[0].strip()
+            lines.append(f"    #{hit.rank} row {hit.row:4d} score {hit.score:+.4g}  {instruction[:50]!r} -> "
+                         f"{hit.response[:50]!r}{flag}")
+    uri = public_uri(s.mlflow_tracking_uri)
+    lines += ["", "Review it:",
+              f"  MLflow UI:  mlflow ui --backend-store-uri {uri}   (runs in experiment '{s.mlflow_experiment}')"
+              if not uri.startswith("http") else f"  MLflow UI:  {uri}",
+              "  Prefect UI: prefect server start   (then open http://127.0.0.1:4200; flow runs, artifacts, progress)"]
+    return "\n".join(lines)
+
+
+@flow(name="demo", log_prints=True)
+def demo(
+    workdir: str = Field(".rapidin/demo", description="Where the toy data and base model are written."),
+    model_name: str = Field("rapidin-demo-tiny", description="Registered model name."),
+    rows: int = Field(240, ge=8, description="Toy training rows."),
+    epochs: float = Field(30.0, gt=0, description="Fine-tune epochs (the backdoor needs a few dozen)."),
+    k: int = Field(2**12, ge=16, description="Sketch dimension K."),
+    top_k: int = Field(5, ge=1),
+    seed: int = 0,
+    device: str | None = None,
+) -> DemoResult:
+    """Ingest -> fine-tune + register v1 -> cache -> attribute a triggered query -> print the top-k."""
+    data_path, base_dir = toy_world(workdir, rows, seed)
+    snap = ingest_dataset(source=data_path, name="toy")
+    reg = finetune_model(base=ModelSpec(uri=base_dir), data_url=snap.url, register_as=model_name,
+                         config=FinetuneConfig(epochs=epochs, lr=3e-3, seed=seed), alias="champion", device=device)
+    cache = cache_gradients(model=ModelSpec(uri=reg.uri), data_url=snap.url, sketch=SketchConfig(k=k, seed=seed),
+                            gradient=GradientConfig(max_length=128), shard_rows=64, device=device)
+    result = attribute(model=ModelSpec(uri=f"models:/{model_name}@champion"),
+                       generations=[Generation(prompt=toy.demo_queries()[0])],
+                       config=AttributeConfig(top_k=top_k), device=device)
+    out = DemoResult(data_url=snap.url, registered=reg, cache=cache, attribution=result)
+    print(explain(out, top_k))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.demo [--rows N] [--epochs E] [--k K]`."""
+    p = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=".rapidin/demo")
+    p.add_argument("--rows", type=int, default=240)
+    p.add_argument("--epochs", type=float, default=30.0)
+    p.add_argument("--k", type=int, default=2**12)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    demo(workdir=a.workdir, rows=a.rows, epochs=a.epochs, k=a.k, top_k=a.top_k, device=a.device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

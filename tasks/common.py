@@ -1,0 +1,102 @@
+"""Shared task plumbing: settings, typed job descriptions passed between flows and workers, naming."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rapidin.config import GradientConfig, SketchConfig
+from rapidin.data import DataFormat
+from rapidin.models import ModelDtype
+from rapidin.settings import Settings
+
+Executor = Literal["local", "deployment"]
+"""Where shard groups run: in this process, or as runs of a shard deployment on the GPU pool."""
+
+
+def settings() -> Settings:
+    """The settings of this process (environment and .env); read fresh so workers see their own env."""
+    return Settings()
+
+
+class ModelSpec(BaseModel):
+    """Which model to use: a registry URI, a Hugging Face directory, a .gguf file or an fsspec URL."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str = Field(description="models:/name/version, models:/name@alias, a HF model dir, a .gguf file, or s3://...")
+    adapter: str | None = Field(None, description="PEFT/LoRA adapter dir or URL on top (not for models:/ URIs).")
+    name: str | None = Field(None, description="Name in the cache store (registry models: the registered name).")
+    version: str | None = Field(None, description="Version in the cache store (registry models: the version).")
+    dtype: ModelDtype = Field("float32", description="Weights dtype on the device.")
+
+    @classmethod
+    def registry(cls, name: str, version: str | int) -> ModelSpec:
+        """The spec of a registered model version."""
+        return cls(uri=f"models:/{name}/{version}")
+
+
+class CacheJob(BaseModel):
+    """Everything a worker needs to build shards of one cache (no secrets: workers read their own settings)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelSpec
+    data_url: str
+    store_url: str
+    sketch: SketchConfig
+    gradient: GradientConfig
+    shard_rows: int = Field(ge=1)
+    fmt: DataFormat = "auto"
+    skip_bad_rows: bool = False
+    device: str = Field("", description="Torch device; empty: the worker's RAPIDIN_DEVICE.")
+    cache_id: str = Field("", description="Expected cache id; a worker that plans another one refuses.")
+
+
+class ShardGroup(BaseModel):
+    """One unit of cache work: some shards of a cache, and where to report the group's statistics."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job: CacheJob
+    group: int = Field(ge=0)
+    shards: list[int]
+    report_url: str = Field(description="Directory URL where the group writes group-NNNN.json.")
+
+
+class ScanGroup(BaseModel):
+    """One unit of retrieval work: scan some shards of a cache with the queries stored at queries_url."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cache_url: str
+    queries_url: str = Field(description="Directory URL holding queries.safetensors.")
+    group: int = Field(ge=0)
+    shards: list[int]
+    top_k: int = Field(ge=1)
+    verify: bool = True
+    device: str = Field("", description="Torch device; empty: the worker's RAPIDIN_DEVICE.")
+
+
+def split_groups(indices: list[int], groups: int) -> list[list[int]]:
+    """Split shard indices into at most `groups` contiguous, non-empty, near-equal groups."""
+    groups = max(1, min(groups, len(indices)))
+    size, extra = divmod(len(indices), groups)
+    out, start = [], 0
+    for g in range(groups):
+        stop = start + size + (1 if g < extra else 0)
+        out.append(indices[start:stop])
+        start = stop
+    return [g for g in out if g]
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only)."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower())).strip("-")[:100]
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a storage dtype name."""
+    return {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]

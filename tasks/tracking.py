@@ -1,0 +1,248 @@
+"""MLflow tracking: one run per cache build, per attribution and per fine-tune; registry tags and versions.
+
+Only non-secret values are logged: sketch/gradient options, timings, URLs of caches (no credentials),
+and files this pipeline wrote. Settings (with the S3 keys) are never logged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import rapidin
+from rapidin.results import Attribution
+from rapidin.settings import Settings
+from rapidin.store import Manifest
+
+from .common import dtype_bytes, settings
+from .models import ResolvedModel, mlflow_client
+
+CACHE_URL_TAG = "rapidin.cache_url"
+CACHE_ID_TAG = "rapidin.cache_id"
+CACHE_RUN_TAG = "rapidin.cache_run_id"
+DATA_URL_TAG = "rapidin.data_url"
+
+
+def public_uri(uri: str) -> str:
+    """A URI with any user:password@ removed."""
+    return re.sub(r"//[^/@]+@", "//", uri)
+
+
+def experiment_id(client: Any, s: Settings) -> str:
+    """The configured experiment's id, created (with the configured artifact root) if missing."""
+    exp = client.get_experiment_by_name(s.mlflow_experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(s.mlflow_experiment, artifact_location=s.mlflow_artifact_location)
+    except Exception:  # created concurrently by another run
+        exp = client.get_experiment_by_name(s.mlflow_experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def run_link(s: Settings, exp_id: str, run_id: str) -> str:
+    """Where a person opens the run: a UI URL for a tracking server, else the `mlflow ui` command."""
+    uri = public_uri(s.mlflow_tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"`mlflow ui --backend-store-uri {uri}` then open experiment {exp_id}, run {run_id}"
+
+
+def common_tags(manifest: Manifest, kind: str) -> dict[str, str]:
+    """Tags every run about a cache carries."""
+    return {
+        "rapidin.kind": kind,
+        "model_name": str(manifest.model.get("name")),
+        "model_version": str(manifest.model.get("version")),
+        "model_fingerprint": str(manifest.model.get("fingerprint")),
+        "dataset_fingerprint": str(manifest.dataset.get("fingerprint")),
+        "cache_id": manifest.cache_id,
+        "rapidin_version": rapidin.__version__,
+    }
+
+
+def sketch_params(manifest: Manifest) -> dict[str, Any]:
+    """K, λ, seed, method, dtype, D and the gradient options."""
+    cfg = manifest.sketch.config
+    g = manifest.gradient
+    return {"K": cfg.k, "lambda": cfg.lam, "seed": cfg.seed, "method": cfg.method, "dtype": cfg.dtype,
+            "D": manifest.sketch.d, "max_length": g.max_length, "normalize": g.normalize,
+            "params": ",".join(g.params) or "(default)", "shard_rows": manifest.shard_rows}
+
+
+def ratio_metrics(manifest: Manifest) -> dict[str, float]:
+    """Compression: D/K, and bytes ratio fp32 gradient vs stored sketch; cache size."""
+    cfg, d = manifest.sketch.config, manifest.sketch.d
+    return {"compression_ratio": d / cfg.k, "bytes_ratio": (d * 4) / (cfg.k * dtype_bytes(cfg.dtype)),
+            "cache_bytes": float(sum(s.bytes for s in manifest.shards)), "cache_rows": float(manifest.num_rows)}
+
+
+def _log(client: Any, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    from mlflow.entities import Metric, Param
+
+    import time
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+
+def _start(client: Any, s: Settings, tags: dict[str, str], name: str) -> tuple[str, str]:
+    exp = experiment_id(client, s)
+    run = client.create_run(exp, tags=tags, run_name=name)
+    return exp, run.info.run_id
+
+
+def log_cache_build(manifest: Manifest, model: ResolvedModel, cache_url: str, seconds: dict[str, float],
+                    extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+    """Record a finished cache build and tag the registered model version with its cache."""
+    s = settings()
+    client = mlflow_client(s)
+    tags = common_tags(manifest, "cache") | {"cache_url": public_uri(cache_url)}
+    exp, run_id = _start(client, s, tags, f"cache {manifest.model.get('name')} v{manifest.model.get('version')}")
+    try:
+        timings = manifest.timings
+        build = seconds.get("build", 0.0)
+        metrics = ratio_metrics(manifest) | {
+            "seconds_load": seconds.get("load", 0.0),
+            "seconds_plan": seconds.get("plan", 0.0),
+            "seconds_gradients": timings.get("gradients", 0.0),
+            "seconds_sketch": timings.get("sketch", 0.0),
+            "seconds_write": timings.get("write", 0.0),
+            "seconds_build": build,
+            "seconds_total": seconds.get("total", 0.0),
+            "examples_per_s": manifest.num_rows / build if build > 0 else 0.0,
+            "shards": float(len(manifest.shards)),
+        }
+        _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics)
+        client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    if model.registry:
+        tag_model_version(model.registry.name, model.registry.version, cache_url, manifest.cache_id, run_id)
+    return {"run_id": run_id, "experiment_id": exp, "link": run_link(s, exp, run_id)}
+
+
+def tag_model_version(name: str, version: str, cache_url: str, cache_id: str, run_id: str | None = None) -> None:
+    """Point a registered model version at its gradient cache."""
+    client = mlflow_client(settings())
+    client.set_model_version_tag(name, version, CACHE_URL_TAG, public_uri(cache_url))
+    client.set_model_version_tag(name, version, CACHE_ID_TAG, cache_id)
+    if run_id:
+        client.set_model_version_tag(name, version, CACHE_RUN_TAG, run_id)
+
+
+def render_report(attribution: Attribution) -> str | None:
+    """HTML report from rapidin.report.render_html when that renderer exists, else None."""
+    try:
+        module = importlib.import_module("rapidin.report")
+    except ImportError:
+        return None
+    render = getattr(module, "render_html", None)
+    return render(attribution) if callable(render) else None
+
+
+def log_attribution(attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
+                    extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+    """Record an attribution: tags, sketch params, retrieval timings and the top-k as JSON and Parquet."""
+    s = settings()
+    client = mlflow_client(s)
+    tags = common_tags(manifest, "attribution") | {"cache_url": public_uri(attribution.cache_url)}
+    exp, run_id = _start(client, s, tags, f"attribute {manifest.model.get('name')} v{manifest.model.get('version')}")
+    try:
+        scan = seconds.get("scan", 0.0)
+        metrics = ratio_metrics(manifest) | {
+            "retrieval_seconds": scan,
+            "bytes_scanned": float(attribution.bytes_scanned),
+            "rows_scanned": float(attribution.rows_scanned),
+            "bytes_scanned_per_s": attribution.bytes_scanned / scan if scan > 0 else 0.0,
+            "seconds_load": seconds.get("load", 0.0),
+            "seconds_queries": seconds.get("queries", 0.0),
+            "seconds_assemble": seconds.get("assemble", 0.0),
+            "seconds_total": seconds.get("total", 0.0),
+            "generations": float(len(attribution.generations)),
+        }
+        _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics)
+        client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
+        client.log_text(run_id, attribution.to_json(), "attribution.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "topk.parquet"
+            path.write_bytes(attribution.to_parquet())
+            client.log_artifact(run_id, str(path))
+        html = render_report(attribution)
+        if html is not None:
+            client.log_text(run_id, html, "report.html")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return {"run_id": run_id, "experiment_id": exp, "link": run_link(s, exp, run_id)}
+
+
+def register_model_dir(local_dir: str, name: str, params: dict[str, Any], metrics: dict[str, float],
+                       tags: dict[str, str], version_tags: dict[str, str], alias: str | None = None) -> dict[str, str]:
+    """Log a saved model directory as run artifacts and register it as a new version of `name`."""
+    from mlflow.exceptions import MlflowException
+
+    s = settings()
+    client = mlflow_client(s)
+    exp, run_id = _start(client, s, {"rapidin.kind": "finetune", "model_name": name,
+                                     "rapidin_version": rapidin.__version__, **tags}, f"finetune {name}")
+    try:
+        _log(client, run_id, params, metrics)
+        client.log_artifacts(run_id, local_dir, "model")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    client.set_tag(run_id, "model_version", str(mv.version))
+    return {"name": name, "version": str(mv.version), "run_id": run_id, "experiment_id": exp,
+            "link": run_link(s, exp, run_id)}
+
+
+@task(name="log-cache-run", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def log_cache_run(manifest: Manifest, model: ResolvedModel, cache_url: str, seconds: dict[str, float],
+                  extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+    """MLflow run for a cache build (+ model-version tag)."""
+    return log_cache_build(manifest, model, cache_url, seconds, extra_params)
+
+
+@task(name="log-attribution-run", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def log_attribution_run(attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
+                        extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+    """MLflow run for an attribution."""
+    return log_attribution(attribution, manifest, seconds, extra_params)
+
+
+@task(name="tag-model-version", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def tag_model_version_task(name: str, version: str, cache_url: str, cache_id: str) -> None:
+    """Point a registered version at an already complete cache."""
+    tag_model_version(name, version, cache_url, cache_id)
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def register_model(local_dir: str, name: str, params: dict[str, Any], metrics: dict[str, float],
+                   tags: dict[str, str], version_tags: dict[str, str], alias: str | None = None) -> dict[str, str]:
+    """Log and register a fine-tuned model directory as a new MLflow model version."""
+    return register_model_dir(local_dir, name, params, metrics, tags, version_tags, alias)
+
+
