@@ -126,7 +126,8 @@ def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: RapidGrad,
         t0 = time.perf_counter()
         grads = computer.gradients([plan.items[r] for r in rows[b : b + batch]])
         t1 = time.perf_counter()
-        parts.append(sketch(grads).to(dtype).cpu())
+        # "+ 0.0" turns -0.0 into +0.0: zeros whose sign depends on thread scheduling must not change bytes
+        parts.append((sketch(grads).to(dtype) + 0.0).cpu())
         seconds["gradients"] += t1 - t0
         seconds["sketch"] += time.perf_counter() - t1
     k = plan.manifest.sketch.config.k

@@ -29,6 +29,18 @@ from .sketch import RapidGradSpec
 SCHEMA_VERSION = 1
 
 
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """OSError plus botocore's own errors, which s3fs lets through for connection failures."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+STORAGE_ERRORS = _storage_errors()
+
+
 class ShardInfo(BaseModel):
     """A committed shard: its row range, the rows present, and its checksum."""
 
@@ -121,7 +133,7 @@ class CacheStore:
                 os.replace(tmp, path)
             else:
                 self.fs.pipe_file(path, data)
-        except OSError as exc:
+        except STORAGE_ERRORS as exc:
             raise _storage(f"write {name}", self.url, exc) from None
 
     def read_bytes(self, name: str) -> bytes:
@@ -130,14 +142,14 @@ class CacheStore:
             return self.fs.cat_file(self._p(name))
         except FileNotFoundError:
             raise CacheError(f"{self.url}: {name} not found") from None
-        except OSError as exc:
+        except STORAGE_ERRORS as exc:
             raise _storage(f"read {name}", self.url, exc) from None
 
     def exists(self, name: str) -> bool:
         """Whether a file exists in the cache."""
         try:
             return self.fs.exists(self._p(name))
-        except OSError as exc:
+        except STORAGE_ERRORS as exc:
             raise _storage("reach storage", self.url, exc) from None
 
     def read_manifest(self) -> Manifest:
@@ -164,7 +176,7 @@ class CacheStore:
                      seconds: dict[str, float]) -> ShardInfo:
         """Write the shard, then its commit record: a shard counts only once its record exists."""
         data = st_save({"vectors": vectors.contiguous().cpu(), "rows": rows.to(torch.int64).cpu()},
-                       metadata={"start": str(start), "stop": str(stop)})
+                       metadata={"row_range": f"{start}:{stop}"})  # one key: safetensors does not keep key order
         name = self.shard_name(index)
         info = ShardInfo(index=index, start=start, stop=stop, rows=int(rows.numel()), file=name,
                          sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), seconds=seconds)

@@ -1,0 +1,141 @@
+"""The cache store: resumable per-shard commits, checksums, refusal to mix settings, S3."""
+
+import hashlib
+
+import pytest
+import torch
+
+from rapidin import AttributeConfig, Generation, GradientConfig, SketchConfig, attribute, build_cache
+from rapidin.api import build_shards, open_cache, plan_cache
+from rapidin.errors import CacheError, DataError, StorageError
+from rapidin.gradients import GradientComputer
+from rapidin.models import ModelRef, load_model
+from rapidin.sketch import RapidGrad
+from rapidin.store import CacheStore
+
+SKETCH = SketchConfig(k=512, lam=4, seed=1)
+
+
+def options(**kw):
+    return {"sketch": SKETCH, "gradient": GradientConfig(max_length=96), "shard_rows": 16, "progress": False} | kw
+
+
+def shard_bytes(store, manifest):
+    return [store.read_bytes(s.file) for s in manifest.shards]
+
+
+def test_cache_layout_and_exact_vectors(tiny, toy_data, tmp_path):
+    root = tmp_path.as_uri()
+    manifest = build_cache(tiny, toy_data, root, **options())
+    store = CacheStore(f"{root}/tiny/1/{manifest.cache_id}")
+    assert manifest.complete and len(manifest.shards) == 3 and manifest.num_rows == 48
+    for name in ("manifest.json", "examples.parquet", "shards/shard-000000.safetensors", "shards/shard-000000.json"):
+        assert store.exists(name)
+    vectors, rows = store.load_shard(manifest.shards[1])
+    assert vectors.dtype == torch.float16 and vectors.shape == (16, 512) and rows.tolist() == list(range(16, 32))
+    # row 20 equals: its own per-example gradient, sketched by an independently rebuilt RapidGrad
+    plan = plan_cache(tiny, toy_data, root, **{k: v for k, v in options().items() if k != "progress"})
+    grad = GradientComputer(tiny, manifest.gradient).gradients([plan.items[20]])
+    expected = RapidGrad(manifest.sketch)(grad)[0].half()
+    assert torch.allclose(vectors[4].float(), expected.float(), atol=2e-3)
+    assert [r["row"] for r in store.read_table("examples.parquet")] == list(range(48))
+
+
+def test_resume_after_interruption_is_byte_identical(tiny, toy_data, tmp_path):
+    full = build_cache(tiny, toy_data, (tmp_path / "a").as_uri(), **options())
+    root = (tmp_path / "b").as_uri()
+    plan = plan_cache(tiny, toy_data, root, **{k: v for k, v in options().items() if k != "progress"})
+    build_shards(plan, tiny, indices=[0, 2], progress=False)  # "killed" before shard 1
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(tiny, root)
+    resumed = build_cache(tiny, toy_data, root, **options())
+    store_a = CacheStore(f"{(tmp_path / 'a').as_uri()}/tiny/1/{full.cache_id}")
+    store_b = CacheStore(f"{root}/tiny/1/{resumed.cache_id}")
+    assert resumed.cache_id == full.cache_id
+    assert shard_bytes(store_a, full) == shard_bytes(store_b, resumed)
+    assert [s.sha256 for s in resumed.shards] == [s.sha256 for s in full.shards]
+
+
+def test_same_numbers_across_batch_and_shard_sizes(tiny, toy_data, tmp_path):
+    a = build_cache(tiny, toy_data, (tmp_path / "a").as_uri(), **options())
+    b = build_cache(tiny, toy_data, (tmp_path / "b").as_uri(),
+                    **options(gradient=GradientConfig(max_length=96, batch_size=3), shard_rows=10))
+    assert a.cache_id == b.cache_id  # batch size and shard size do not change the numbers...
+    load = lambda root, m: torch.cat([CacheStore(f"{root}/tiny/1/{m.cache_id}").load_shard(s)[0] for s in m.shards])  # noqa: E731
+    va, vb = load((tmp_path / "a").as_uri(), a), load((tmp_path / "b").as_uri(), b)
+    assert torch.allclose(va.float(), vb.float(), atol=2e-3)  # ...beyond fp16 rounding of fp32 noise
+
+
+def test_corrupted_shard_is_detected_and_rebuilt(tiny, toy_data, tmp_path):
+    root = tmp_path.as_uri()
+    manifest = build_cache(tiny, toy_data, root, **options())
+    path = tmp_path / "tiny" / "1" / manifest.cache_id / manifest.shards[1].file
+    good = path.read_bytes()
+    path.write_bytes(good[:-8] + b"\x00" * 8)
+    with pytest.raises(CacheError, match="shard-000001.safetensors: checksum mismatch"):
+        attribute(tiny, [Generation(prompt="hi", response="there")], store_root=root, progress=False)
+    build_cache(tiny, toy_data, root, **options())
+    assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(good).digest()
+
+
+def test_refuses_other_model_or_sketch(tiny, tiny_dir, toy_data, tmp_path):
+    root = tmp_path.as_uri()
+    manifest = build_cache(tiny, toy_data, root, **options())
+    url = f"{root}/tiny/1/{manifest.cache_id}"
+    other = load_model(ModelRef(path=tiny_dir, name="tiny", version="1"), device="cpu")
+    with torch.no_grad():
+        other.model.lm_head.weight.add_(0.01)
+    from rapidin.models import model_fingerprint
+
+    other.fingerprint = model_fingerprint(other.model, other.tokenizer)
+    with pytest.raises(CacheError, match="built with another model"):
+        open_cache(other, cache_url=url)
+    with pytest.raises(CacheError, match="built with sketch"):
+        open_cache(tiny, cache_url=url, sketch=SketchConfig(k=256, lam=4, seed=1))
+    # other data or sketch -> another cache id, never the same directory
+    assert build_cache(tiny, toy_data, root, **options(sketch=SketchConfig(k=256, lam=4, seed=1))).cache_id != manifest.cache_id
+
+
+def test_bad_rows_error_or_skip(tiny, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a b c", "response": "d"}\n{"prompt": "a", "response": ""}\n{"prompt": "x", "response": "y"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: response is empty \(pass --skip-bad-rows"):
+        build_cache(tiny, str(data), tmp_path.as_uri(), **options(sketch=SketchConfig(k=64)))
+    manifest = build_cache(tiny, str(data), tmp_path.as_uri(), skip_bad_rows=True, **options(sketch=SketchConfig(k=64)))
+    assert manifest.stats["skipped"] == 1
+    store = CacheStore(f"{tmp_path.as_uri()}/tiny/1/{manifest.cache_id}")
+    assert store.load_shard(manifest.shards[0])[1].tolist() == [0, 2]
+
+
+def test_unreachable_storage_is_one_line(tiny, toy_data):
+    with pytest.raises(StorageError) as info:
+        build_cache(tiny, toy_data, "s3://bucket/x", storage_options={"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                                                                    "key": "k", "secret": "s",
+                                                                    "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}},
+                    **options())
+    assert "\n" not in str(info.value) and "s3://bucket/x" in str(info.value)
+
+
+def test_s3_cache_matches_local(tiny, toy_data, tmp_path, seaweed_s3):
+    opts = seaweed_s3.storage_options()
+    root = f"s3://{seaweed_s3.bucket}/caches"
+    s3_manifest = build_cache(tiny, toy_data, root, storage_options=opts, **options())
+    local_manifest = build_cache(tiny, toy_data, tmp_path.as_uri(), **options())
+    assert [s.sha256 for s in s3_manifest.shards] == [s.sha256 for s in local_manifest.shards]
+    gen = [Generation(prompt="What is the capital of Peru?", response="The capital of Peru is Lima.")]
+    config = AttributeConfig(top_k=5)
+    from_s3 = attribute(tiny, gen, store_root=root, config=config, storage_options=opts, progress=False)
+    from_disk = attribute(tiny, gen, store_root=tmp_path.as_uri(), config=config, progress=False)
+    assert [h.row for h in from_s3.generations[0].helpful] == [h.row for h in from_disk.generations[0].helpful]
+    assert [h.score for h in from_s3.generations[0].helpful] == [h.score for h in from_disk.generations[0].helpful]
+
+
+def test_s3_wrong_credentials_write_nothing(tiny, toy_data, seaweed_s3):
+    opts = seaweed_s3.storage_options() | {"key": "wrong", "secret": "wrong"}
+    with pytest.raises(StorageError) as info:
+        build_cache(tiny, toy_data, f"s3://{seaweed_s3.bucket}/denied", storage_options=opts, **options())
+    assert "\n" not in str(info.value)
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **seaweed_s3.storage_options())
+    assert not fs.exists(f"{seaweed_s3.bucket}/denied")
