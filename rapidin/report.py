@@ -14,11 +14,12 @@ stored once per row there, so per-token lists stay small. `extract_attribution` 
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +209,11 @@ def view_values(gen: GenerationResult, view: str) -> list[float | None]:
 # Page
 
 
-def render_html(attribution: Attribution, title: str | None = None) -> str:
-    """A self-contained HTML page for one attribution (all generations)."""
+def render_html(attribution: Attribution, title: str | None = None, images: Mapping[str, bytes] | None = None) -> str:
+    """A self-contained HTML page for one attribution (all generations).
+
+    images: optional PNGs (caption -> bytes, e.g. from rapidin.plots) embedded as data: URIs at the end.
+    """
     model = attribution.model
     name = f"{model.get('name', '?')} {model.get('version', '')}".strip()
     title = title or f"RapidIn attribution: {name}"
@@ -222,17 +226,25 @@ def render_html(attribution: Attribution, title: str | None = None) -> str:
     parts.append("<main>")
     for g, gen in enumerate(attribution.generations):
         parts.append(_generation(g, gen))
+    if images:
+        parts.append('<section class="plots"><h2>Plots</h2>')
+        for caption, png in images.items():
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{_e(caption)}</figcaption></figure>")
+        parts.append("</section>")
     parts.append("</main>")
     parts.append(f'<script type="application/json" id="rapidin-data">{script_json(to_payload(attribution))}</script>')
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
     return "".join(parts)
 
 
-def write_report(attribution: Attribution, path: str | Path, title: str | None = None) -> Path:
+def write_report(attribution: Attribution, path: str | Path, title: str | None = None,
+                 images: Mapping[str, bytes] | None = None) -> Path:
     """Write render_html to path (parent folders created) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(attribution, title), encoding="utf-8")
+    path.write_text(render_html(attribution, title, images), encoding="utf-8")
     return path
 
 
@@ -443,7 +455,7 @@ def compare(a: Attribution, b: Attribution) -> dict[str, Any]:
     matched in rank order. JSON-serialisable.
     """
     gens = []
-    for g, (ga, gb) in enumerate(zip(a.generations, b.generations)):
+    for g, (ga, gb) in enumerate(zip(a.generations, b.generations, strict=False)):
         entry: dict[str, Any] = {"index": g, "prompt_a": ga.prompt, "prompt_b": gb.prompt,
                                  "response_a": ga.response, "response_b": gb.response,
                                  "same_prompt": ga.prompt == gb.prompt, "same_response": ga.response == gb.response,
@@ -598,6 +610,7 @@ table.cmp{border-collapse:collapse;width:100%;margin:.3rem 0 1rem;font-size:13px
 table.cmp th,table.cmp td{border:1px solid var(--line);padding:.2rem .4rem;text-align:left;vertical-align:top}
 tr.entered td:first-child{color:var(--pos);font-weight:700}tr.left td:first-child{color:var(--neg);font-weight:700}
 .warn{background:#fff4e5;border-left:4px solid var(--pos);padding:.3rem .6rem}
+.plots img{max-width:100%;height:auto;border:1px solid var(--line)}figure{margin:.8rem 0}
 @media print{.legend{position:static}.tokens{max-height:none}}
 """
 
