@@ -247,6 +247,6 @@ def find_caches(root: str, model: str, version: str, storage_options: dict | Non
         if not fs.exists(path):
             return []
         entries = fs.ls(path, detail=False)
-    except OSError as exc:
+    except STORAGE_ERRORS as exc:
         raise _storage("list caches", base, exc) from None
     return [f"{base}/{e.rstrip('/').rsplit('/', 1)[-1]}" for e in sorted(entries) if fs.exists(f"{e}/manifest.json")]
