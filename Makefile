@@ -7,8 +7,13 @@ export DO_NOT_TRACK = 1
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 install: $(STAMP)
+
+# Debian's Chromium for the report's browser tests (they skip, saying so, where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: browser tests will be skipped"
 
 # torch first, pinned: the CPU build lies on local disk; an unpinned torch would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -21,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m rapidin.cli demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 clean:
