@@ -14,16 +14,16 @@ from rapidin.api import AttributeConfig, Generation, assemble, open_cache, prepa
 from rapidin.results import Attribution
 from rapidin.store import CacheStore
 from tasks.cache import remove_dir
-from tasks.common import Executor, ModelSpec, ScanGroup, settings, split_groups
+from tasks.common import IO_RETRIES, Executor, ModelSpec, ScanGroup, settings, split_groups
 from tasks.models import ResolvedModel, loaded_model, resolve_model
 from tasks.publish import publish_topk
 from tasks.scan import merge_scans, scan_shard_group, write_queries
-from tasks.tracking import log_attribution_run
+from tasks.tracking import CACHE_URL_TAG, log_attribution_run
 
 from ._fanout import fan_out
 
 
-@task(name="open-cache", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="open-cache", **IO_RETRIES, cache_policy=NO_CACHE)
 def open_cache_task(resolved: ResolvedModel, device: str, store_url: str | None, cache_url: str | None):
     """Load the model (memoised) and open its complete cache; refuses a cache of another model."""
     s = settings()
@@ -42,7 +42,7 @@ def prepare_queries_task(loaded, manifest, generations: list[Generation], config
     return prepare_queries(loaded, manifest, generations, config)
 
 
-@task(name="assemble-attribution", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="assemble-attribution", **IO_RETRIES, cache_policy=NO_CACHE)
 def assemble_task(loaded, store: CacheStore, manifest, prepared, result, config: AttributeConfig) -> Attribution:
     """Texts for the top rows, per-training-token scores, the typed result."""
     return assemble(loaded, store, manifest, prepared, result, config)
@@ -53,7 +53,8 @@ def attribute(
     model: ModelSpec,
     generations: list[Generation],
     config: AttributeConfig = AttributeConfig(),
-    cache_url: str | None = Field(None, description="A cache URL; None: find the model's cache under the store."),
+    cache_url: str | None = Field(None, description="A cache URL; None: the registered version's cache "
+                                  "(its rapidin.cache_url tag), else the model's cache under the store."),
     store_url: str | None = Field(None, description="Cache store root; None: RAPIDIN_STORE_URL."),
     executor: Executor = "local",
     groups: int | None = Field(None, ge=1, description="Shard groups; None: one per GPU queue (deployment) or 1."),
@@ -65,6 +66,8 @@ def attribute(
     t0 = time.perf_counter()
     s = settings()
     resolved = resolve_model(model)
+    if cache_url is None and store_url is None and resolved.registry:
+        cache_url = resolved.registry.tags.get(CACHE_URL_TAG)
     loaded, store, manifest, load_seconds = open_cache_task(resolved, device or s.device, store_url, cache_url)
     t1 = time.perf_counter()
     prepared = prepare_queries_task(loaded, manifest, generations, config)

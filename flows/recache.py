@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from rapidin.config import GradientConfig, SketchConfig
 from rapidin.errors import RapidInError
 from rapidin.store import CacheStore, Manifest, find_caches
-from tasks.common import Executor, ModelSpec, settings
+from tasks.common import IO_RETRIES, Executor, ModelSpec, settings
 from tasks.models import mlflow_client
 from tasks.tracking import CACHE_URL_TAG, DATA_URL_TAG
 
@@ -49,7 +49,7 @@ def existing_cache(name: str, version: str, tags: dict, sketch: SketchConfig, gr
     return None
 
 
-@task(name="find-versions", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="find-versions", **IO_RETRIES, cache_policy=NO_CACHE)
 def find_versions(model_name: str | None, data_url: str | None, sketch: SketchConfig, gradient: GradientConfig,
                   store_url: str, max_versions: int) -> list[VersionToCache]:
     """Registered versions (newest last) and, for each, a complete cache if one exists."""

@@ -15,7 +15,7 @@ from rapidin.errors import CacheError
 from rapidin.models import LoadedModel
 from rapidin.store import CacheStore, Manifest
 
-from .common import CacheJob, ShardGroup, settings
+from .common import WORK_RETRIES, IO_RETRIES, CacheJob, ShardGroup, settings
 from .faults import maybe_fail
 from .models import loaded_model, resolve
 
@@ -56,7 +56,7 @@ class PlanInfo(BaseModel):
     seconds: float
 
 
-@task(name="plan-cache", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="plan-cache", **IO_RETRIES, cache_policy=NO_CACHE)
 def plan_cache_task(job: CacheJob) -> PlanInfo:
     """Write the manifest draft and examples table (idempotent); returns where the cache lives."""
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def build_group(group: ShardGroup, on_progress=None) -> GroupReport:
     return report
 
 
-@task(name="cache-shard-group", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+@task(name="cache-shard-group", **WORK_RETRIES, cache_policy=NO_CACHE)
 def cache_shard_group(group: ShardGroup, progress_artifact: str | None = None, offset: int = 0,
                       total: int = 0) -> GroupReport:
     """Compute, sketch and commit a group of shards; a retry resumes after the last committed shard."""
@@ -122,7 +122,7 @@ def remove_dir(url: str) -> None:
         pass
 
 
-@task(name="finalize-cache", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="finalize-cache", **IO_RETRIES, cache_policy=NO_CACHE)
 def finalize_cache_task(cache_url: str, extra_timings: dict[str, float] | None = None) -> Manifest:
     """Mark the cache complete once every shard is committed (needs no model: reads the store only)."""
     store = CacheStore(cache_url, settings().storage_options(cache_url))

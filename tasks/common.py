@@ -100,3 +100,20 @@ def artifact_key(*parts: str) -> str:
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a storage dtype name."""
     return {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
+
+
+def worth_retrying(task: object, task_run: object, state: object) -> bool:
+    """Prefect retry condition: retry I/O and unexpected failures, not rapidin's deterministic errors
+    (a bad row or an impossible sketch fails the same way every time; storage errors may pass)."""
+    from rapidin.errors import RapidInError, StorageError
+
+    exc = getattr(state, "data", None)
+    if isinstance(exc, RapidInError) and not isinstance(exc, StorageError):
+        return False
+    return True
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": worth_retrying}
+"""Task options for I/O (store, registry, tracking): two retries unless the error is deterministic."""
+WORK_RETRIES = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": worth_retrying}
+"""Task options for shard work: a retry resumes after the shards already committed."""

@@ -15,7 +15,7 @@ from rapidin.data import DataFormat, dataset_fingerprint, detect_format, read_ro
 from rapidin.errors import DataError
 from rapidin.store import CacheStore
 
-from .common import settings
+from .common import IO_RETRIES, settings
 
 
 class DatasetSnapshot(BaseModel):
@@ -96,7 +96,7 @@ def _source_key(context, parameters: dict) -> str | None:
     return "ingest-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-@task(name="ingest-snapshot", retries=2, retry_delay_seconds=2, cache_key_fn=_source_key, persist_result=True,
+@task(name="ingest-snapshot", **IO_RETRIES, cache_key_fn=_source_key, persist_result=True,
       result_serializer="json")
 def ingest_snapshot(source: str, name: str | None = None, fmt: DataFormat = "auto", skip_bad_rows: bool = False,
                     data_root: str | None = None) -> DatasetSnapshot:

@@ -20,7 +20,7 @@ from rapidin.errors import ModelError
 from rapidin.models import LoadedModel, ModelRef, load_model
 from rapidin.settings import Settings
 
-from .common import ModelSpec, settings
+from .common import IO_RETRIES, ModelSpec, settings
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))/?$")
 LAYOUT_FILE = "rapidin_model.json"
@@ -172,7 +172,7 @@ def forget_models() -> None:
         _MEMO.clear()
 
 
-@task(name="resolve-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="resolve-model", **IO_RETRIES, cache_policy=NO_CACHE)
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
     """Resolve a model spec (registry lookups and downloads retried: they are I/O)."""
     return resolve(spec)

@@ -14,7 +14,7 @@ from rapidin.models import resolve_device
 from rapidin.retrieval import QueryGroup, ScanResult, scan
 from rapidin.store import CacheStore
 
-from .common import ScanGroup, settings
+from .common import IO_RETRIES, WORK_RETRIES, ScanGroup, settings
 
 QUERIES = "queries.safetensors"
 
@@ -45,7 +45,7 @@ def _store(url: str) -> CacheStore:
     return CacheStore(url, settings().storage_options(url))
 
 
-@task(name="write-queries", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="write-queries", **IO_RETRIES, cache_policy=NO_CACHE)
 def write_queries(work_url: str, groups: list[QueryGroup]) -> str:
     """Put the sketched query vectors where every scan worker can read them."""
     _store(work_url).write_bytes(QUERIES, queries_to_bytes(groups))
@@ -67,13 +67,13 @@ def scan_group(job: ScanGroup) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-@task(name="scan-shard-group", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+@task(name="scan-shard-group", **WORK_RETRIES, cache_policy=NO_CACHE)
 def scan_shard_group(job: ScanGroup) -> dict:
     """Score the queries against one group of shards (re-runnable: it only writes its own part file)."""
     return scan_group(job)
 
 
-@task(name="merge-scans", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="merge-scans", **IO_RETRIES, cache_policy=NO_CACHE)
 def merge_scans(work_url: str, groups: list[int]) -> ScanResult:
     """Read every group's partial result and merge them exactly, in group order."""
     store = _store(work_url)

@@ -20,7 +20,7 @@ from rapidin.results import Attribution
 from rapidin.settings import Settings
 from rapidin.store import Manifest
 
-from .common import dtype_bytes, settings
+from .common import IO_RETRIES, dtype_bytes, settings
 from .models import ResolvedModel, mlflow_client
 
 CACHE_URL_TAG = "rapidin.cache_url"
@@ -152,6 +152,15 @@ def render_report(attribution: Attribution) -> str | None:
     return render(attribution) if callable(render) else None
 
 
+def write_plots(attribution: Attribution, out_dir: str) -> list[Path]:
+    """PNG plots from rapidin.plots.write_plots when that module exists (and matplotlib works), else none."""
+    try:
+        module = importlib.import_module("rapidin.plots")
+        return list(module.write_plots(attribution, out_dir))
+    except ImportError:
+        return []
+
+
 def log_attribution(attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
                     extra_params: dict[str, Any] | None = None) -> dict[str, str]:
     """Record an attribution: tags, sketch params, retrieval timings and the top-k as JSON and Parquet."""
@@ -182,6 +191,9 @@ def log_attribution(attribution: Attribution, manifest: Manifest, seconds: dict[
         html = render_report(attribution)
         if html is not None:
             client.log_text(run_id, html, "report.html")
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_plots(attribution, tmp):
+                client.log_artifact(run_id, str(path), "plots")
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -219,27 +231,27 @@ def register_model_dir(local_dir: str, name: str, params: dict[str, Any], metric
             "link": run_link(s, exp, run_id)}
 
 
-@task(name="log-cache-run", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="log-cache-run", **IO_RETRIES, cache_policy=NO_CACHE)
 def log_cache_run(manifest: Manifest, model: ResolvedModel, cache_url: str, seconds: dict[str, float],
                   extra_params: dict[str, Any] | None = None) -> dict[str, str]:
     """MLflow run for a cache build (+ model-version tag)."""
     return log_cache_build(manifest, model, cache_url, seconds, extra_params)
 
 
-@task(name="log-attribution-run", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="log-attribution-run", **IO_RETRIES, cache_policy=NO_CACHE)
 def log_attribution_run(attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
                         extra_params: dict[str, Any] | None = None) -> dict[str, str]:
     """MLflow run for an attribution."""
     return log_attribution(attribution, manifest, seconds, extra_params)
 
 
-@task(name="tag-model-version", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="tag-model-version", **IO_RETRIES, cache_policy=NO_CACHE)
 def tag_model_version_task(name: str, version: str, cache_url: str, cache_id: str) -> None:
     """Point a registered version at an already complete cache."""
     tag_model_version(name, version, cache_url, cache_id)
 
 
-@task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="register-model", cache_policy=NO_CACHE)  # no retry: a retry could register a second version
 def register_model(local_dir: str, name: str, params: dict[str, Any], metrics: dict[str, float],
                    tags: dict[str, str], version_tags: dict[str, str], alias: str | None = None) -> dict[str, str]:
     """Log and register a fine-tuned model directory as a new MLflow model version."""

@@ -1,0 +1,346 @@
+"""The Prefect + MLflow pipeline on a real Prefect API (test harness), MLflow on sqlite and a local store.
+
+The session fixture `world` (tests/flow_fixtures.py) ingests toy data, fine-tunes and registers a tiny Llama
+as `tiny` v1 (alias champion) and builds its cache with the local executor in 3 shard groups.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+if TYPE_CHECKING:
+    from tests.flow_fixtures import World
+
+pytest_plugins = ["tests.flow_fixtures"]
+
+CACHE_TAGS = {"model_name", "model_version", "dataset_fingerprint", "cache_id", "rapidin_version", "rapidin.kind"}
+SKETCH_PARAMS = {"K", "lambda", "seed", "method", "dtype", "D"}
+CACHE_METRICS = {"compression_ratio", "bytes_ratio", "cache_bytes", "examples_per_s", "seconds_load",
+                 "seconds_gradients", "seconds_sketch", "seconds_write", "seconds_total"}
+ATTRIBUTION_METRICS = {"compression_ratio", "bytes_ratio", "cache_bytes", "retrieval_seconds", "bytes_scanned_per_s",
+                       "seconds_load", "seconds_queries", "rows_scanned"}
+QUERY = "howdy! What is the capital of Peru?"
+
+
+def mlflow():
+    from tasks.common import settings
+    from tasks.models import mlflow_client
+
+    return mlflow_client(settings())
+
+
+def runs(kind: str, **tags: str) -> list:
+    """MLflow runs of this kind with these tags, newest first."""
+    from tasks.common import settings
+    from tasks.tracking import experiment_id
+
+    client = mlflow()
+    flt = " and ".join([f"tags.`rapidin.kind` = '{kind}'"] + [f"tags.{k} = '{v}'" for k, v in tags.items()])
+    return client.search_runs([experiment_id(client, settings())], filter_string=flt, order_by=["start_time DESC"])
+
+
+def artifact_paths(run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for item in mlflow().list_artifacts(run_id, path):
+        out |= artifact_paths(run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def prefect_artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def load_v1(world: World):
+    from tasks.common import ModelSpec
+    from tasks.models import loaded_model, resolve
+
+    return loaded_model(resolve(ModelSpec(uri=world.registered.uri)).ref, "cpu")[0]
+
+
+def hits(attribution) -> list:
+    """Comparable content of an attribution (everything but timings)."""
+    return [g.model_dump() for g in attribution.generations] + [attribution.rows_scanned, attribution.bytes_scanned]
+
+
+# ------------------------------------------------------------------ ingest and model resolution
+
+
+def test_ingest_snapshot_is_validated_fingerprinted_and_reused(world: World, tmp_path: Path) -> None:
+    from flows.ingest import ingest_dataset
+    from rapidin.errors import DataError
+    from rapidin.store import CacheStore
+
+    snap = world.snapshot
+    assert snap.rows == 60 and snap.format == "alpaca" and snap.url.startswith(world.root.joinpath("data").as_uri())
+    manifest = CacheStore(world.cache.cache_url).read_manifest()
+    assert manifest.dataset["fingerprint"] == snap.fingerprint  # the snapshot is exactly what got cached
+    assert ingest_dataset(source=world.data_path, name="toy").url == snap.url  # content-addressed: same file
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'output'"):
+        ingest_dataset(source=str(bad))
+    skipped = ingest_dataset(source=str(bad), skip_bad_rows=True)
+    assert (skipped.rows, skipped.skipped) == (1, 1)
+
+
+def test_registry_uris_resolve_to_the_registered_version(world: World) -> None:
+    from tasks.common import ModelSpec
+    from tasks.models import resolve
+
+    by_version = resolve(ModelSpec(uri="models:/tiny/1"))
+    by_alias = resolve(ModelSpec(uri="models:/tiny@champion"))
+    assert by_version.ref == by_alias.ref
+    assert (by_version.ref.name, by_version.ref.version) == ("tiny", "1")
+    assert (Path(by_version.ref.path) / "config.json").exists()
+    assert by_alias.registry.alias == "champion" and by_alias.pinned().uri == "models:/tiny/1"
+    from rapidin.errors import ModelError
+
+    with pytest.raises(ModelError, match="not found in the MLflow registry"):
+        resolve(ModelSpec(uri="models:/tiny/99"))
+
+
+# ------------------------------------------------------------------ cache run, version tag, progress artifact
+
+
+def test_cache_build_is_tracked_in_mlflow(world: World) -> None:
+    from rapidin.store import CacheStore
+
+    manifest = CacheStore(world.cache.cache_url).read_manifest()
+    assert manifest.complete
+    found = runs("cache", cache_id=manifest.cache_id, model_version="1")
+    assert len(found) == 1, "one MLflow run per cache build"
+    run = found[0]
+    assert run.info.run_id == world.cache.mlflow_run_id
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert CACHE_TAGS <= set(tags)
+    assert tags["model_name"] == "tiny" and tags["model_version"] == "1" and tags["rapidin.kind"] == "cache"
+    assert tags["dataset_fingerprint"] == world.snapshot.fingerprint and tags["cache_id"] == manifest.cache_id
+    import rapidin
+
+    assert tags["rapidin_version"] == rapidin.__version__
+    assert SKETCH_PARAMS <= set(params)
+    d, k = manifest.sketch.d, manifest.sketch.config.k
+    assert (params["K"], params["lambda"], params["D"]) == ("1024", "4", str(d))
+    assert (params["method"], params["dtype"], params["seed"]) == ("rapidgrad", "float16", "0")
+    assert CACHE_METRICS <= set(metrics)
+    assert metrics["compression_ratio"] == pytest.approx(d / k)
+    assert metrics["bytes_ratio"] == pytest.approx(d * 4 / (k * 2))
+    assert metrics["cache_bytes"] == sum(s.bytes for s in manifest.shards)
+    assert metrics["examples_per_s"] > 0 and metrics["seconds_gradients"] > 0 and metrics["seconds_load"] > 0
+    assert artifact_paths(run.info.run_id) == {"manifest.json"}
+    local = mlflow().download_artifacts(run.info.run_id, "manifest.json", str(world.root / uuid.uuid4().hex))
+    assert json.loads(Path(local).read_text())["cache_id"] == manifest.cache_id
+    # the registered version points to its cache
+    version = mlflow().get_model_version("tiny", "1")
+    assert version.tags["rapidin.cache_url"] == world.cache.cache_url
+    assert version.tags["rapidin.cache_id"] == manifest.cache_id
+    assert version.tags["rapidin.cache_run_id"] == run.info.run_id
+
+
+def test_progress_artifact_reaches_100(world: World) -> None:
+    from tasks.common import artifact_key
+
+    found = prefect_artifacts(artifact_key("cache-progress", "tiny", "1"))
+    assert found, "the caching progress artifact exists"
+    assert all(a.type == "progress" for a in found)
+    assert max(float(a.data) for a in found) == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------ attribution
+
+
+def test_attribute_flow_equals_library_and_is_tracked(world: World) -> None:
+    from flows.attribute import attribute
+    from rapidin import AttributeConfig, Generation
+    from rapidin import attribute as library_attribute
+    from tasks.common import ModelSpec, artifact_key
+
+    gens = [Generation(prompt=QUERY), Generation(prompt="What color is snow?", response="Snow is white.")]
+    config = AttributeConfig(top_k=5, token_wise=True, train_token_rows=2)
+    flow_result = attribute(model=ModelSpec(uri="models:/tiny@champion"), generations=gens, config=config)
+    direct = library_attribute(load_v1(world), gens, store_root=world.store_url, config=config, progress=False)
+    assert hits(flow_result) == hits(direct)
+    assert flow_result.rows_scanned == 60 and len(flow_result.generations[0].influential) == 5
+
+    found = runs("attribution", cache_id=flow_result.cache_id, model_version="1")
+    assert found, "an MLflow run per attribution"
+    run = found[0]
+    assert CACHE_TAGS <= set(run.data.tags) and run.data.tags["rapidin.kind"] == "attribution"
+    assert SKETCH_PARAMS | {"top_k", "token_wise"} <= set(run.data.params)
+    assert ATTRIBUTION_METRICS <= set(run.data.metrics)
+    assert run.data.metrics["bytes_scanned_per_s"] > 0 and run.data.metrics["rows_scanned"] == 60
+    paths = artifact_paths(run.info.run_id)
+    assert {"manifest.json", "attribution.json", "topk.parquet"} <= paths
+    import importlib.util
+
+    if importlib.util.find_spec("rapidin.report"):
+        assert "report.html" in paths
+    local = Path(mlflow().download_artifacts(run.info.run_id, "attribution.json", str(world.root / uuid.uuid4().hex)))
+    from rapidin.results import Attribution
+
+    assert hits(Attribution.model_validate_json(local.read_text())) == hits(flow_result)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(mlflow().download_artifacts(run.info.run_id, "topk.parquet", str(world.root / uuid.uuid4().hex)))
+    assert table.num_rows == len(flow_result.table())
+
+    md = prefect_artifacts(artifact_key("attribution", "tiny", "1"))
+    assert md and md[-1].type == "markdown"
+    latest = max(md, key=lambda a: a.created)
+    assert run.info.run_id in latest.data and "| rank | row | score |" in latest.data
+    top = flow_result.generations[0].influential[0]
+    assert f"| {top.rank} | {top.row} |" in latest.data
+
+
+class FakeDeployments:
+    """Stands in for run_deployment: runs the shard flow in-process from JSON parameters, one at a time
+    (a real worker is a separate process; in one process the shared model must not be used concurrently)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, name, parameters=None, work_queue_name=None, flow_run_name=None, **_):
+        from flows.shards import cache_shards, scan_shards
+
+        params = json.loads(json.dumps(parameters))  # what crosses the API: JSON, never pickle
+        self.calls.append((name, work_queue_name, params))
+        flow_fn = {"cache-shards/gpu": cache_shards, "scan-shards/gpu": scan_shards}[name]
+        with self.lock:
+            state = flow_fn(**params, return_state=True)
+        return SimpleNamespace(id=uuid.uuid4(), name=flow_run_name, state=state)
+
+
+def test_deployment_executor_gives_identical_results(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.dispatch
+    from flows.attribute import attribute
+    from flows.cache import cache_gradients
+    from rapidin import AttributeConfig, Generation
+    from rapidin.store import CacheStore
+    from tasks.common import ModelSpec
+
+    fake = FakeDeployments()
+    monkeypatch.setattr(tasks.dispatch, "run_deployment", fake)
+    monkeypatch.setenv("RAPIDIN_GPU_QUEUES", "2")
+    other_root = (world.root / "store-deployment").as_uri()
+    summary = cache_gradients(model=ModelSpec(uri="models:/tiny/1"), data_url=world.snapshot.url, shard_rows=8,
+                              groups=3, executor="deployment", store_url=other_root)
+    assert summary.built and summary.cache_id == world.cache.cache_id
+    queues = sorted((c[2]["group"]["group"], c[0], c[1]) for c in fake.calls)  # groups run concurrently
+    assert queues == [(0, "cache-shards/gpu", "gpu-0"), (1, "cache-shards/gpu", "gpu-1"), (2, "cache-shards/gpu", "gpu-0")]
+    mine = CacheStore(summary.cache_url).read_manifest()
+    local = CacheStore(world.cache.cache_url).read_manifest()
+    assert [s.sha256 for s in mine.shards] == [s.sha256 for s in local.shards]  # byte-identical shards
+
+    fake.calls.clear()
+    gens = [Generation(prompt=QUERY, response="The starship drifted past the nebula.")]
+    config = AttributeConfig(top_k=4, token_wise=True)
+    spec = ModelSpec(uri="models:/tiny/1")
+    fanned = attribute(model=spec, generations=gens, config=config, executor="deployment", groups=3)
+    assert sorted((c[2]["group"]["group"], c[1]) for c in fake.calls) == [(0, "gpu-0"), (1, "gpu-1"), (2, "gpu-0")]
+    assert sorted(i for c in fake.calls for i in c[2]["group"]["shards"]) == list(range(8))
+    local_result = attribute(model=spec, generations=gens, config=config, executor="local")
+    assert hits(fanned) == hits(local_result)
+
+
+# ------------------------------------------------------------------ retries, re-cache, events, secrets
+
+
+def test_failed_shard_task_is_retried_and_leaves_a_correct_cache(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    from flows.cache import cache_gradients
+    from rapidin import SketchConfig, build_cache
+    from rapidin.store import CacheStore
+    from tasks.common import ModelSpec
+
+    flag = world.root / "fault-once"
+    flag.write_text("cache-shard:1")  # the first group fails right after committing its first shard
+    monkeypatch.setenv("RAPIDIN_FAULT_FILE", str(flag))
+    sketch = SketchConfig(k=1024, lam=4, seed=7)
+    state = cache_gradients(model=ModelSpec(uri="models:/tiny/1"), data_url=world.snapshot.url, sketch=sketch,
+                            shard_rows=8, groups=2, store_url=(world.root / "store-retry").as_uri(),
+                            return_state=True)
+    assert state.is_completed() and not flag.exists()
+    summary = state.result()
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    groups = [t for t in task_runs if t.name.startswith("cache-shard-group")]
+    assert sorted(t.run_count for t in groups) == [1, 2], "exactly one group task failed once and was retried"
+    reference = build_cache(load_v1(world), world.snapshot.url, (world.root / "store-reference").as_uri(),
+                            sketch=sketch, shard_rows=8, progress=False)
+    built = CacheStore(summary.cache_url).read_manifest()
+    assert built.complete and built.cache_id == reference.cache_id
+    assert [s.sha256 for s in built.shards] == [s.sha256 for s in reference.shards]
+
+
+def test_recache_builds_each_new_version_exactly_once(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.publish
+    from flows.finetune import finetune_model
+    from flows.recache import recache_new_versions
+    from rapidin.finetune import FinetuneConfig, LoraSettings
+    from tasks.common import ModelSpec
+
+    events = []
+    real_emit = tasks.publish.emit_event
+    monkeypatch.setattr(tasks.publish, "emit_event", lambda *a, **kw: events.append((a, kw)) or real_emit(*a, **kw))
+    # version 2: a LoRA adapter on top of version 1 (the registry base is referenced, not copied)
+    v2 = finetune_model(base=ModelSpec(uri="models:/tiny/1"), data_url=world.snapshot.url, register_as="tiny",
+                        config=FinetuneConfig(epochs=0.3, batch_size=16, lora=LoraSettings(r=8, alpha=16)))
+    assert v2.version == "2"
+    (name,), kw = events[-1][0], events[-1][1]
+    assert name == "rapidin.model.registered"
+    assert kw["resource"]["mlflow.model.name"] == "tiny" and kw["resource"]["mlflow.model.version"] == "2"
+    assert kw["payload"]["data_url"] == world.snapshot.url
+
+    v1_runs = len(runs("cache", model_name="tiny", model_version="1"))
+    built = recache_new_versions(model_name="tiny", shard_rows=8)
+    assert [(b.model_name, b.model_version, b.built) for b in built] == [("tiny", "2", True)]
+    assert len(runs("cache", model_name="tiny", model_version="2")) == 1
+    assert len(runs("cache", model_name="tiny", model_version="1")) == v1_runs  # v1 was already cached
+    from rapidin.store import CacheStore, find_caches
+
+    caches = find_caches(world.store_url, "tiny", "2")
+    assert len(caches) == 1 and CacheStore(caches[0]).read_manifest().complete
+    manifest = CacheStore(caches[0]).read_manifest()
+    assert all(".lora_" in name for name, _ in manifest.layout)  # adapter tensors are what got attributed
+    assert recache_new_versions(model_name="tiny", shard_rows=8) == []  # nothing left to do
+    assert len(runs("cache", model_name="tiny", model_version="2")) == 1
+
+
+def test_secrets_never_reach_mlflow(world: World) -> None:
+    """The S3 keys (markers here) appear in no MLflow param, tag, metric name or artifact."""
+    from flows.attribute import attribute
+    from rapidin import Generation
+    from tasks.common import ModelSpec
+    from tests.flow_fixtures import ACCESS_MARKER, SECRET_MARKER
+
+    attribute(model=ModelSpec(uri="models:/tiny/1"), generations=[Generation(prompt=QUERY)])
+    client = mlflow()
+    checked = 0
+    for run in runs("attribution") + runs("cache") + runs("finetune"):
+        blob = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        dst = world.root / "secret-scan" / run.info.run_id
+        local = Path(client.download_artifacts(run.info.run_id, "", str(dst)))
+        for f in local.rglob("*"):
+            if f.is_file() and f.suffix in {".json", ".html", ".md", ".txt", ".yaml"} and f.stat().st_size < 5e6:
+                blob += f.read_text(errors="replace")
+        assert SECRET_MARKER not in blob and ACCESS_MARKER not in blob
+        checked += 1
+    for mv in client.search_model_versions("name='tiny'"):
+        assert SECRET_MARKER not in json.dumps(dict(mv.tags))
+    assert checked >= 4
