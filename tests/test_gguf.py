@@ -1,0 +1,55 @@
+"""A real model from a GGUF file (SmolLM2-135M-Instruct, `make smollm2`): LoRA gradients, chat data, cache."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rapidin import AttributeConfig, Generation, GradientConfig, SketchConfig, attribute, build_cache
+from rapidin.data import load_examples, tokenize
+from rapidin.gradients import GradientComputer
+from rapidin.models import ModelRef, load_model
+
+GGUF = Path(os.environ.get("RAPIDIN_TEST_GGUF", Path(__file__).parents[1] / ".rapidin/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+pytestmark = pytest.mark.skipif(not GGUF.exists(), reason=f"{GGUF} missing: run `make smollm2`")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A random (non-zero) LoRA adapter on q_proj/v_proj saved like a fine-tune would."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(ModelRef(path=str(GGUF)), device="cpu")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def smol(adapter_dir):
+    return load_model(ModelRef(path=str(GGUF), adapter=adapter_dir, name="smollm2", version="test"), device="cpu")
+
+
+def test_gguf_lora_batched_equals_loop(smol, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("What is 2+2?", "4."), ("Name a colour.", "Blue is a colour."), ("Hi!", "Hello, how can I help?")]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, fmt = load_examples(str(data), tokenizer=smol.tokenizer)
+    assert fmt == "chat" and "<|im_start|>assistant" in examples[0].prompt  # the model's own chat template
+    computer = GradientComputer(smol, GradientConfig())
+    assert len(computer.layout) == 4 * 30 and all(".lora_" in n for n, _ in computer.layout)
+    items = [tokenize(smol.tokenizer, e.prompt, e.response, 64) for e in examples]
+    batched = computer.gradients(items)
+    for b, item in enumerate(items):
+        single = computer.gradients([item])[0]
+        assert float((batched[b] - single).norm() / single.norm()) < 1e-5
+    manifest = build_cache(smol, str(data), tmp_path.as_uri(), sketch=SketchConfig(k=2**12), progress=False)
+    assert manifest.sketch.d == computer.dim and manifest.model["adapter"]
+    result = attribute(smol, [Generation(prompt="What is 2+2?", response="4.")], store_root=tmp_path.as_uri(),
+                       config=AttributeConfig(top_k=3), progress=False)
+    assert result.generations[0].helpful[0].row == 0  # the identical training row is the most helpful
