@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -13,7 +12,7 @@ from pydantic import Field
 from rapidin.api import AttributeConfig, Generation, assemble, open_cache, prepare_queries
 from rapidin.results import Attribution
 from rapidin.store import CacheStore
-from tasks.cache import remove_dir
+from tasks.cache import remove_dir, scratch_url
 from tasks.common import IO_RETRIES, Executor, ModelSpec, ScanGroup, settings, split_groups
 from tasks.models import ResolvedModel, loaded_model, resolve_model
 from tasks.publish import publish_topk
@@ -71,7 +70,7 @@ def attribute(
     loaded, store, manifest, load_seconds = open_cache_task(resolved, device or s.device, store_url, cache_url)
     t1 = time.perf_counter()
     prepared = prepare_queries_task(loaded, manifest, generations, config)
-    work_url = f"{store.url}/_work/{uuid.uuid4().hex[:12]}"
+    work_url = scratch_url(store.url)
     write_queries(work_url, [p.group for p in prepared])
     t2 = time.perf_counter()
     indices = [info.index for info in manifest.shards]

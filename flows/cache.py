@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from prefect import flow
 from prefect.logging import get_run_logger
@@ -11,11 +10,11 @@ from pydantic import BaseModel, Field
 
 from rapidin.config import GradientConfig, SketchConfig
 from rapidin.data import DataFormat
-from tasks.cache import cache_shard_group, finalize_cache_task, plan_cache_task, read_reports, remove_dir
+from tasks.cache import cache_shard_group, finalize_cache_task, plan_cache_task, read_reports, remove_dir, scratch_url
 from tasks.common import CacheJob, Executor, ModelSpec, ShardGroup, settings, split_groups
 from tasks.models import resolve_model
 from tasks.publish import set_progress, start_progress
-from tasks.tracking import log_cache_run, tag_model_version_task
+from tasks.tracking import in_default_store, log_cache_run, tag_model_version_task
 
 from ._fanout import fan_out
 
@@ -64,14 +63,14 @@ def cache_gradients(
                    rows=manifest.num_rows, shards=manifest.num_shards)
     if manifest.complete:
         logger.info("cache %s is already complete; nothing to build", cache_url)
-        if resolved.registry:
+        if resolved.registry and in_default_store(cache_url, s):
             tag_model_version_task(resolved.registry.name, resolved.registry.version, cache_url, manifest.cache_id)
         return CacheSummary(built=False, **summary)
 
     job = job.model_copy(update={"cache_id": manifest.cache_id})
     total = manifest.num_shards
     n_groups = groups or (s.gpu_queues if executor == "deployment" else 1)
-    report_url = f"{cache_url}/_work/{uuid.uuid4().hex[:12]}"
+    report_url = scratch_url(cache_url)
     jobs = [ShardGroup(job=job, group=g, shards=idx, report_url=report_url)
             for g, idx in enumerate(split_groups(list(range(total)), n_groups))]
     artifact = start_progress(name, version, manifest.cache_id, 0, total)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -111,6 +112,13 @@ def read_reports(report_url: str) -> list[GroupReport]:
     except FileNotFoundError:
         return []
     return [GroupReport.model_validate(json.loads(store.read_bytes(n))) for n in names if n.startswith("group-")]
+
+
+def scratch_url(cache_url: str) -> str:
+    """A fresh scratch directory for one run's partial results, beside (not inside) the caches:
+    {root}/_work/{cache_id}-{token}, so a cache directory only ever holds the cache."""
+    root, _model, _version, cache_id = cache_url.rstrip("/").rsplit("/", 3)
+    return f"{root}/_work/{cache_id}-{uuid.uuid4().hex[:12]}"
 
 
 def remove_dir(url: str) -> None:

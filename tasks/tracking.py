@@ -128,9 +128,15 @@ def log_cache_build(manifest: Manifest, model: ResolvedModel, cache_url: str, se
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    if model.registry:
+    if model.registry and in_default_store(cache_url, s):
         tag_model_version(model.registry.name, model.registry.version, cache_url, manifest.cache_id, run_id)
     return {"run_id": run_id, "experiment_id": exp, "link": run_link(s, exp, run_id)}
+
+
+def in_default_store(cache_url: str, s: Settings) -> bool:
+    """Whether a cache lives under the configured store root: only those become a version's cache of record
+    (a cache built into an ad-hoc store for an experiment does not move the version's tag)."""
+    return cache_url.startswith(s.store_url.rstrip("/") + "/")
 
 
 def tag_model_version(name: str, version: str, cache_url: str, cache_id: str, run_id: str | None = None) -> None:

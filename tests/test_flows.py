@@ -243,6 +243,8 @@ def test_deployment_executor_gives_identical_results(world: World, monkeypatch: 
     mine = CacheStore(summary.cache_url).read_manifest()
     local = CacheStore(world.cache.cache_url).read_manifest()
     assert [s.sha256 for s in mine.shards] == [s.sha256 for s in local.shards]  # byte-identical shards
+    # a cache built into another store does not move the version's cache of record
+    assert mlflow().get_model_version("tiny", "1").tags["rapidin.cache_url"] == world.cache.cache_url
 
     fake.calls.clear()
     gens = [Generation(prompt=QUERY, response="The starship drifted past the nebula.")]
@@ -321,6 +323,45 @@ def test_recache_builds_each_new_version_exactly_once(world: World, monkeypatch:
     assert recache_new_versions(model_name="tiny", shard_rows=8) == []  # nothing left to do
     assert len(runs("cache", model_name="tiny", model_version="2")) == 1
 
+
+def test_store_and_data_on_seaweedfs(world: World, seaweed_s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshot, cache and scan on a real S3 endpoint give the local store's numbers; the real keys stay out of MLflow."""
+    from flows.attribute import attribute
+    from flows.cache import cache_gradients
+    from flows.ingest import ingest_dataset
+    from rapidin import AttributeConfig, Generation
+    from rapidin.store import CacheStore
+    from tasks.common import ModelSpec, settings
+
+    monkeypatch.setenv("RAPIDIN_S3_ACCESS_KEY", seaweed_s3.access_key)
+    monkeypatch.setenv("RAPIDIN_S3_SECRET_KEY", seaweed_s3.secret_key)
+    monkeypatch.setenv("RAPIDIN_S3_ENDPOINT_URL", seaweed_s3.endpoint_url)
+    prefix = f"s3://{seaweed_s3.bucket}/flows-{uuid.uuid4().hex[:8]}"
+    snap = ingest_dataset(source=world.data_path, name="toy", data_root=f"{prefix}/data")
+    assert snap.url.startswith(f"{prefix}/data/toy/") and snap.fingerprint == world.snapshot.fingerprint
+    summary = cache_gradients(model=ModelSpec(uri="models:/tiny/1"), data_url=snap.url, shard_rows=8, groups=2,
+                              store_url=f"{prefix}/cache")
+    assert summary.cache_url.startswith(f"{prefix}/cache/tiny/1/")
+    on_s3 = CacheStore(summary.cache_url, settings().storage_options(summary.cache_url)).read_manifest()
+    local = CacheStore(world.cache.cache_url).read_manifest()
+    assert on_s3.complete and [s.sha256 for s in on_s3.shards] == [s.sha256 for s in local.shards]
+    gens = [Generation(prompt=QUERY, response="The starship drifted past the nebula.")]
+    config = AttributeConfig(top_k=4)
+    from_s3 = attribute(model=ModelSpec(uri="models:/tiny/1"), generations=gens, config=config,
+                        cache_url=summary.cache_url, groups=2)
+    from_file = attribute(model=ModelSpec(uri="models:/tiny/1"), generations=gens, config=config,
+                          cache_url=world.cache.cache_url)
+    assert [g.model_dump() for g in from_s3.generations] == [g.model_dump() for g in from_file.generations]
+    fs = CacheStore(summary.cache_url, settings().storage_options(summary.cache_url)).fs
+    fs.invalidate_cache()
+    listing = fs.ls(summary.cache_url.removeprefix("s3://"), detail=False)
+    assert sorted(p.rsplit("/", 1)[-1] for p in listing) == ["examples.parquet", "manifest.json", "shards"]
+    left = fs.find(f"{prefix.removeprefix('s3://')}/cache/_work")
+    assert not [p for p in left if p.endswith((".safetensors", ".json"))], f"scratch files are removed: {left}"
+    for run in runs("cache", cache_id=summary.cache_id) + runs("attribution", cache_id=summary.cache_id):
+        blob = json.dumps([run.data.params, run.data.tags])
+        assert seaweed_s3.secret_key not in blob and seaweed_s3.access_key not in blob
+    assert summary.cache_url in [r.data.tags["cache_url"] for r in runs("attribution", cache_id=summary.cache_id)]
 
 def test_secrets_never_reach_mlflow(world: World) -> None:
     """The S3 keys (markers here) appear in no MLflow param, tag, metric name or artifact."""
