@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    demo(workdir=a.workdir, rows=a.rows, epochs=a.epochs, k=a.k, top_k=a.top_k, device=a.device)
+    api = settings().prefect_api_url  # RAPIDIN_PREFECT_API_URL: run against a Prefect server instead of the ephemeral API
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api} if api else {}):
+        demo(workdir=a.workdir, rows=a.rows, epochs=a.epochs, k=a.k, top_k=a.top_k, device=a.device)
     return 0
 
 

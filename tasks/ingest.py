@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import timedelta
 
 import fsspec
 from prefect import task
@@ -97,7 +98,7 @@ def _source_key(context, parameters: dict) -> str | None:
 
 
 @task(name="ingest-snapshot", **IO_RETRIES, cache_key_fn=_source_key, persist_result=True,
-      result_serializer="json")
+      result_serializer="json", cache_expiration=timedelta(days=1))
 def ingest_snapshot(source: str, name: str | None = None, fmt: DataFormat = "auto", skip_bad_rows: bool = False,
                     data_root: str | None = None) -> DatasetSnapshot:
     """Snapshot a data file (cached on the source's identity: an unchanged file is not re-read)."""

@@ -385,3 +385,9 @@ def test_secrets_never_reach_mlflow(world: World) -> None:
     for mv in client.search_model_versions("name='tiny'"):
         assert SECRET_MARKER not in json.dumps(dict(mv.tags))
     assert checked >= 4
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:  # nor in any flow run's parameters on the Prefect API
+        flow_runs = prefect.read_flow_runs(limit=200)
+    assert len(flow_runs) >= 5
+    assert all(SECRET_MARKER not in json.dumps(r.parameters, default=str) for r in flow_runs)
