@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -98,16 +98,17 @@ def build_shards(
     dtype = _DTYPES[manifest.sketch.config.dtype]
     todo = list(range(manifest.num_shards)) if indices is None else list(indices)
     done: list[ShardInfo] = []
-    bar = tqdm(total=sum(_rows(manifest, i) for i in todo), desc="caching gradients", unit="ex", disable=not progress)
-    for index in todo:
-        info = plan.store.committed_shard(index)
-        if info is None:
-            info = _build_shard(plan, computer, sketch, dtype, index)
-        done.append(info)
-        bar.update(_rows(manifest, index))
-        if on_shard:
-            on_shard(info, len(done), len(todo))
-    bar.close()
+    # `with`: a failure closes the bar first, so the CLI's one-line error starts on a line of its own
+    with tqdm(total=sum(_rows(manifest, i) for i in todo), desc="caching gradients", unit="ex",
+              disable=not progress) as bar:
+        for index in todo:
+            info = plan.store.committed_shard(index)
+            if info is None:
+                info = _build_shard(plan, computer, sketch, dtype, index)
+            done.append(info)
+            bar.update(_rows(manifest, index))
+            if on_shard:
+                on_shard(info, len(done), len(todo))
     return done
 
 
@@ -207,8 +208,21 @@ class AttributeConfig(BaseModel):
     token_wise: bool = Field(False, description="Also score each generated token and each top row's tokens.")
     train_token_rows: int = Field(5, ge=0, description="Top helpful/harmful rows whose own tokens get scored.")
     target: tuple[str, ...] = Field((), description="Restrict the generation's loss to these words (RapidIn-TW).")
+    auto_target: int = Field(
+        0, ge=0,
+        description="RapidIn-TW without knowing the answer: restrict the generation's loss to N automatically "
+        "chosen response tokens (0 = off). With an adapter: the N tokens whose log-probability the fine-tune "
+        "raised most (adapter on vs off); without one: the N tokens with the largest per-token loss-gradient "
+        "norm. Cannot be combined with `target`.",
+    )
     max_new_tokens: int = Field(64, ge=1, description="Tokens to generate when no response is given.")
     verify: bool = Field(True, description="Check shard checksums while scanning.")
+
+    @model_validator(mode="after")
+    def _one_target_kind(self) -> AttributeConfig:
+        if self.target and self.auto_target:
+            raise ValueError("give either target words or auto_target, not both")
+        return self
 
 
 def format_prompt(loaded: LoadedModel, prompt: str, fmt: str) -> str:
@@ -248,6 +262,54 @@ def target_positions(loaded: LoadedModel, item: Tokenized, targets: Sequence[str
         if any(begin < b and a < end for a, b in spans):
             positions.append(item.prompt_len + j)
     return positions
+
+
+def _candidate_positions(loaded: LoadedModel, item: Tokenized) -> list[int]:
+    """Response positions that were generated: all of them but a trailing EOS that tokenize() appended."""
+    positions = list(range(item.prompt_len, len(item.input_ids)))
+    eos = loaded.tokenizer.eos_token_id
+    if len(positions) > 1 and not item.truncated and eos is not None and item.input_ids[-1] == eos:
+        positions.pop()
+    return positions
+
+
+def response_log_probs(model, item: Tokenized, device: torch.device) -> torch.Tensor:
+    """log p(token t | tokens < t) for every position t >= 1 of the item (entry t-1), fp32."""
+    ids = torch.tensor([item.input_ids], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+
+
+def auto_target_positions(
+    loaded: LoadedModel, item: Tokenized, n: int, gradient: GradientConfig | None = None
+) -> tuple[list[int], str]:
+    """Pick n response positions to restrict the generation's loss to, without knowing the answer.
+
+    With an adapter (a PEFT model with `disable_adapter`): the n generated tokens whose log-probability
+    the fine-tune raised most, log p_adapter(t) - log p_base(t). Without one (fallback): the n tokens
+    whose own loss gradient (attributed parameters, not normalised) has the largest L2 norm; this costs
+    one backward per response token. A trailing EOS that tokenize() appended is never picked. Ties go
+    to the earlier position. Returns (sorted positions in item.input_ids, the rule used).
+    """
+    candidates = _candidate_positions(loaded, item)
+    if n >= len(candidates):
+        return candidates, "all"
+    model = loaded.model
+    if loaded.has_adapter and hasattr(model, "disable_adapter"):
+        tuned = response_log_probs(model, item, loaded.device)
+        with model.disable_adapter():
+            base = response_log_probs(model, item, loaded.device)
+        gain = (tuned - base).cpu()
+        key = [float(gain[t - 1]) for t in candidates]
+        rule = "logprob_gain"
+    else:
+        config = (gradient or GradientConfig()).model_copy(update={"normalize": False})
+        grads = GradientComputer(loaded, config).token_gradients(item, candidates)
+        key = grads.norm(dim=1).tolist()
+        rule = "grad_norm"
+    order = sorted(range(len(candidates)), key=lambda j: (-key[j], j))[:n]
+    return sorted(candidates[j] for j in order), rule
 
 
 def attribute(
@@ -297,6 +359,8 @@ def prepare_queries(
         targets = target_positions(loaded, item, config.target) if config.target else None
         if targets is not None and not targets:
             raise DataError(f"--target {list(config.target)}: none of these words occurs in the response {response[:80]!r}")
+        if config.auto_target:
+            targets, _ = auto_target_positions(loaded, item, config.auto_target, manifest.gradient)
         weights = None
         if targets:
             w = torch.zeros(len(item.input_ids))
