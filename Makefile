@@ -44,3 +44,4 @@ clean:
 
 -include infra/local/stack.mk
 -include benchmarks/bench.mk
+-include benchmarks/quality.mk
