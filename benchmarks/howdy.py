@@ -344,6 +344,44 @@ class Run:
         (self.wd / "attribute_check.json").write_text(json.dumps(check))
         log(f"rapidin.attribute(auto_target={self.args.auto_target}) vs this script: {check}")
 
+    def variants(self) -> None:
+        """Extra target rules, exact scores only: auto_target with other N, and the gradient-norm fallback."""
+        from rapidin.api import auto_target_positions
+        from rapidin.data import alpaca_prompt, tokenize
+        from rapidin.gradients import GradientComputer
+        from rapidin.models import LoadedModel
+
+        loaded = self.model()
+        computer = GradientComputer(loaded, self.gradient_config())
+        # the no-adapter fallback rule, applied to the same model: per-token gradient norm of the LoRA tensors
+        no_adapter = LoadedModel(loaded.model, loaded.tokenizer, loaded.ref, loaded.fingerprint, False, loaded.device)
+        names = [f"auto{n}" for n in self.args.extra_n] + [f"gradnorm{self.args.auto_target}"]
+        vectors, meta = [], []
+        for g in tqdm(self.attacked(), desc="extra target rules", unit="gen"):
+            item = tokenize(loaded.tokenizer, alpaca_prompt(g["instruction"]), g["triggered_response"],
+                            self.args.max_length)
+            chosen = [auto_target_positions(loaded, item, n)[0] for n in self.args.extra_n]
+            chosen.append(auto_target_positions(no_adapter, item, self.args.auto_target,
+                                                self.gradient_config((r"\.lora_",)))[0])
+            rows = []
+            for positions in chosen:
+                w = torch.zeros(len(item.input_ids))
+                w[positions] = 1.0
+                rows.append(computer.gradients([item], [w])[0])
+            vectors.append(torch.stack(rows))
+            tokens = [loaded.tokenizer.decode([t]) for t in item.input_ids]
+            meta.append({n: [tokens[t] for t in c] for n, c in zip(names, chosen, strict=True)})
+        q = torch.stack(vectors)
+        flat = q.reshape(-1, q.shape[-1])
+        b = self.b_columns()
+        scores = {"all": [], "B": []}
+        for _, grads, _ in tqdm(self.chunks(), desc="exact scores, extra rules", unit="chunk"):
+            scores["all"].append(grads @ flat.T)
+            scores["B"].append(grads[:, b] @ flat[:, b].T)
+        np.savez(self.wd / "variants.npz", names=np.array(names),
+                 **{k: torch.cat(v).numpy().reshape(-1, *q.shape[:2]) for k, v in scores.items()})
+        (self.wd / "variants.json").write_text(json.dumps(meta, indent=2))
+
     # ------------------------------------------------------------------ scoring
     def score(self) -> dict:
         from rapidin.metrics import backdoor_metrics
@@ -392,6 +430,13 @@ class Run:
                         evaluate(f"RapidGrad K=2^{int(math.log2(k))}", s[:, :, t], ex[:, :, t], ranking,
                                  int(sk[f"{key}|bytes"]), n_rows / (grad_seconds + float(sk[f"{key}|sketch_seconds"])),
                                  source=f"K={k}", target=target, params=params)
+        if (self.wd / "variants.npz").exists():
+            var = np.load(self.wd / "variants.npz")
+            for params in ("all", "B"):
+                for v, name in enumerate(var["names"]):
+                    for ranking in ("signed", "magnitude"):
+                        evaluate("exact", var[params][:, :, v], var[params][:, :, v], ranking, None, None,
+                                 source="exact", target=str(name), params=params)
         rng = np.random.default_rng(a.seed)
         evaluate("random (mean of 100 draws)", rng.standard_normal((len(rows), 100)), None, "signed", source="random",
                  target="-", params="-")
@@ -446,7 +491,9 @@ PRINTED = [  # (source, target, ranking, params) rows of the printed table; the 
     ("exact", "auto", "magnitude", "all"), ("exact", "auto", "signed", "B"), ("exact", "auto", "magnitude", "B"),
     ("K=4096", "auto", "magnitude", "B"), ("K=8192", "auto", "magnitude", "B"), ("K=16384", "auto", "magnitude", "B"),
     ("K=32768", "auto", "magnitude", "B"), ("K=65536", "auto", "magnitude", "B"), ("K=65536", "auto", "magnitude", "all"),
-    ("K=65536", "auto", "signed", "B"), ("random", "-", "signed", "-"), ("bm25", "whole", "signed", "-"),
+    ("K=65536", "auto", "signed", "B"), ("exact", "auto1", "magnitude", "B"), ("exact", "auto2", "magnitude", "B"),
+    ("exact", "auto8", "magnitude", "B"), ("exact", "auto16", "magnitude", "B"), ("exact", "gradnorm4", "magnitude", "B"),
+    ("exact", "gradnorm4", "magnitude", "all"), ("random", "-", "signed", "-"), ("bm25", "whole", "signed", "-"),
 ]
 
 
@@ -486,6 +533,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--generations", type=int, default=15, help="fired generations to attribute")
     p.add_argument("--new-tokens", type=int, default=48, help="greedy new tokens per generation")
     p.add_argument("--auto-target", type=int, default=4, help="tokens picked by AttributeConfig.auto_target")
+    p.add_argument("--extra-n", type=int, nargs="*", default=[1, 2, 8, 16],
+                   help="extra auto_target sizes scored exactly (plus the gradient-norm fallback rule); none: skip")
     p.add_argument("--batch-size", type=int, default=8, help="examples per gradient batch")
     p.add_argument("--chunk", type=int, default=64, help="rows per gradient chunk / cache shard")
     p.add_argument("--seed", type=int, default=0)
@@ -512,6 +561,8 @@ def main(argv=None) -> int:
     run.stage("grads", wd / "grads" / "done", run.grads)
     run.stage("exact", wd / "exact.npz", run.exact)
     run.stage("caches", wd / "sketched.npz", run.caches)
+    if args.extra_n:
+        run.stage("variants", wd / "variants.npz", run.variants)
     report = run.score()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
