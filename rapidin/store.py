@@ -110,6 +110,7 @@ class CacheStore:
         except (ImportError, ValueError) as exc:
             raise _storage("open storage", url, exc) from None
         self._local = "file" in _protocols(self.fs)
+        self._bucket_checked = self._local or not hasattr(self.fs, "call_s3")
 
     @staticmethod
     def location(root: str, model: str, version: str, cache_id: str) -> str:
@@ -119,9 +120,27 @@ class CacheStore:
     def _p(self, name: str) -> str:
         return f"{self.path}/{name}"
 
+    def _check_bucket(self) -> None:
+        """Before the first write to S3: refuse a bucket that does not exist, since some servers (SeaweedFS)
+        would silently create one from a mistyped URL. rapidin never creates buckets."""
+        if self._bucket_checked:
+            return
+        bucket = self.path.split("/", 1)[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise StorageError(f"{self.url}: bucket {bucket!r} does not exist (rapidin never creates buckets; "
+                               "create it or fix the store URL)") from None
+        except PermissionError:
+            pass  # a key allowed to write but not to list: the write itself says whether it may
+        except STORAGE_ERRORS as exc:
+            raise _storage("reach storage", self.url, exc) from None
+        self._bucket_checked = True
+
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomic write: temp file + rename locally; a single PUT (atomic by itself) on object stores."""
         path = self._p(name)
+        self._check_bucket()
         try:
             if self._local:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
