@@ -427,15 +427,21 @@ def start_seaweedfs(
     bucket: str,
     s3_port: int | None = None,
     timeout: float = 60.0,
+    ports: dict[str, int] | None = None,
 ) -> S3Service:
-    """Start `weed mini` in data_dir with all ports free, wait for S3, create bucket."""
+    """Start `weed mini` in data_dir with all ports free, wait for S3, create bucket.
+
+    `ports` (a previous service's `info["ports"]`) restarts on exactly those ports, e.g. to bring a
+    stopped server back on the same data directory and endpoint.
+    """
     data_dir = Path(data_dir).resolve()
     (data_dir / "data").mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
     write_s3_identities(config, access_key, secret_key)
+    fixed = dict(ports) if ports else None
     for attempt in range(3):  # a port taken between choosing and binding: choose again
         t0 = time.monotonic()
-        ports = _weed_ports(s3_port)
+        ports = fixed or _weed_ports(s3_port)
         endpoint = f"http://{HOST}:{ports['s3']}"
         svc = spawn("seaweedfs", _weed_argv(data_dir / "data", config, ports), child_env(),
                     data_dir / "weed.log", url=endpoint, cwd=data_dir)
@@ -446,7 +452,7 @@ def start_seaweedfs(
         except StackError:
             clash = "not available" in svc.log_tail() or "address already in use" in svc.log_tail()
             svc.stop()
-            if not clash or attempt == 2:
+            if not clash or fixed or attempt == 2:
                 raise
     ensure_bucket(client, bucket)
     return S3Service(
