@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,6 @@ def ratio_metrics(manifest: Manifest) -> dict[str, float]:
 
 def _log(client: Any, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
     from mlflow.entities import Metric, Param
-
-    import time
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],

@@ -89,8 +89,17 @@ def test_ingest_snapshot_is_validated_fingerprinted_and_reused(world: World, tmp
     assert ingest_dataset(source=world.data_path, name="toy").url == snap.url  # content-addressed: same file
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    state = ingest_dataset(source=str(bad), return_state=True)
+    assert state.is_failed()
     with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'output'"):
-        ingest_dataset(source=str(bad))
+        state.result()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        (task_run,) = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert task_run.run_count == 1, "a bad row fails the same way every time: no retry"
     skipped = ingest_dataset(source=str(bad), skip_bad_rows=True)
     assert (skipped.rows, skipped.skipped) == (1, 1)
 
@@ -168,7 +177,7 @@ def test_attribute_flow_equals_library_and_is_tracked(world: World) -> None:
     from tasks.common import ModelSpec, artifact_key
 
     gens = [Generation(prompt=QUERY), Generation(prompt="What color is snow?", response="Snow is white.")]
-    config = AttributeConfig(top_k=5, token_wise=True, train_token_rows=2)
+    config = AttributeConfig(top_k=5, token_wise=True, train_token_rows=1)
     flow_result = attribute(model=ModelSpec(uri="models:/tiny@champion"), generations=gens, config=config)
     direct = library_attribute(load_v1(world), gens, store_root=world.store_url, config=config, progress=False)
     assert hits(flow_result) == hits(direct)
@@ -253,8 +262,11 @@ def test_deployment_executor_gives_identical_results(world: World, monkeypatch: 
     fanned = attribute(model=spec, generations=gens, config=config, executor="deployment", groups=3)
     assert sorted((c[2]["group"]["group"], c[1]) for c in fake.calls) == [(0, "gpu-0"), (1, "gpu-1"), (2, "gpu-0")]
     assert sorted(i for c in fake.calls for i in c[2]["group"]["shards"]) == list(range(8))
-    local_result = attribute(model=spec, generations=gens, config=config, executor="local")
-    assert hits(fanned) == hits(local_result)
+    from rapidin import attribute as library_attribute
+
+    # the local executor equals the library (test above), so this is deployment == local
+    direct = library_attribute(load_v1(world), gens, cache_url=world.cache.cache_url, config=config, progress=False)
+    assert hits(fanned) == hits(direct)
 
 
 # ------------------------------------------------------------------ retries, re-cache, events, secrets
@@ -384,10 +396,12 @@ def test_secrets_never_reach_mlflow(world: World) -> None:
         checked += 1
     for mv in client.search_model_versions("name='tiny'"):
         assert SECRET_MARKER not in json.dumps(dict(mv.tags))
-    assert checked >= 4
+    assert checked >= 3  # at least the fine-tune, cache and attribution runs
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as prefect:  # nor in any flow run's parameters on the Prefect API
+    with get_client(sync_client=True) as prefect:  # nor in flow run parameters or logs on the Prefect API
         flow_runs = prefect.read_flow_runs(limit=200)
-    assert len(flow_runs) >= 5
+        logs = prefect.read_logs(limit=200)
+    assert len(flow_runs) >= 5 and len(logs) >= 10
     assert all(SECRET_MARKER not in json.dumps(r.parameters, default=str) for r in flow_runs)
+    assert all(SECRET_MARKER not in log.message and ACCESS_MARKER not in log.message for log in logs)

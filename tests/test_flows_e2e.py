@@ -78,7 +78,11 @@ def test_deployment_executor_on_real_workers_equals_local(world: World, real_pre
     gens = [Generation(prompt="howdy! What is the capital of Peru?", response="The starship drifted past the nebula.")]
     config = AttributeConfig(top_k=4, token_wise=True)
     spec = ModelSpec(uri="models:/tiny/1")
-    local = attribute(model=spec, generations=gens, config=config)  # on the test harness, in-process
+    from rapidin import attribute as library_attribute
+    from tasks.models import loaded_model, resolve
+
+    loaded = loaded_model(resolve(spec).ref, "cpu")[0]
+    local = library_attribute(loaded, gens, cache_url=world.cache.cache_url, config=config, progress=False)
     monkeypatch.setenv("RAPIDIN_GPU_QUEUES", "2")
     with temporary_settings({PREFECT_API_URL: real_prefect.url}):
         summary = cache_gradients(model=spec, data_url=world.snapshot.url, shard_rows=8, executor="deployment",
