@@ -93,7 +93,8 @@ _DOWNLOAD_LOCK = threading.Lock()
 
 
 def _download(name: str, version: str, s: Settings) -> Path:
-    """Download a registered version's files into the model cache dir (once; atomic rename)."""
+    """Download a registered version's files into the model cache dir (once; atomic rename, so workers
+    sharing the dir never see a partial copy and never delete one another's)."""
     import mlflow.artifacts
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
@@ -109,9 +110,11 @@ def _download(name: str, version: str, s: Settings) -> Path:
                                                       tracking_uri=s.mlflow_tracking_uri, registry_uri=s.mlflow_tracking_uri)
             got_path = Path(got)
             (got_path / ".complete").touch()
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(got_path, target)
+            try:
+                os.replace(got_path, target)  # atomic: a target dir only ever appears complete
+            except OSError:
+                if not (target / ".complete").exists():  # not another worker's finished copy: a real error
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
