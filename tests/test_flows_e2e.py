@@ -97,3 +97,30 @@ def test_deployment_executor_on_real_workers_equals_local(world: World, real_pre
     shard_runs = [r for r in runs if r["name"].startswith(("cache-tiny", "scan-"))]
     assert len(shard_runs) == 4 and all(r["state_type"] == "COMPLETED" for r in shard_runs)
     assert sorted(r["work_queue_name"] for r in shard_runs) == ["gpu-0", "gpu-0", "gpu-1", "gpu-1"]
+
+
+@pytest.mark.slow
+def test_model_registered_event_triggers_recache_run(real_prefect) -> None:
+    """The finetune flow's event, emitted the way the flow emits it, makes the server schedule a re-cache run
+    whose model_name parameter comes from the event (the trigger's template in prefect.yaml)."""
+    import sys
+    import time
+
+    from infra.local.stack import child_env
+
+    code = ("from tasks.publish import emit_model_registered; from prefect.events.worker import EventsWorker; "
+            "emit_model_registered('tiny-e2e', '7', 'file:///data.jsonl', 'run-1'); EventsWorker.drain_all()")
+    env = child_env({"PREFECT_API_URL": real_prefect.url})
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (recache,) = [d for d in _api(real_prefect, "POST", "/deployments/filter", json={})
+                  if d["entrypoint"] == "flows/recache.py:recache_new_versions"]
+    deadline = time.monotonic() + 60
+    triggered = []
+    while not triggered and time.monotonic() < deadline:
+        runs = _api(real_prefect, "POST", "/flow_runs/filter",
+                    json={"flow_runs": {"deployment_id": {"any_": [recache["id"]]}}})
+        triggered = [r for r in runs if r["parameters"].get("model_name") == "tiny-e2e"]
+        time.sleep(1)
+    assert triggered, "no recache run was created for the rapidin.model.registered event"
+    assert triggered[0]["parameters"].get("executor") == "deployment"  # deployment defaults still apply
