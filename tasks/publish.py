@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               update_progress_artifact)
 from prefect.events import emit_event
 
 from rapidin.results import Attribution
@@ -54,6 +55,9 @@ def topk_markdown(attribution: Attribution, run_link: str, rows: int = 10) -> st
 def publish_topk(attribution: Attribution, run_link: str) -> str:
     """Create the top-k markdown artifact (with the MLflow run link); returns its id."""
     key = artifact_key("attribution", str(attribution.model.get("name")), str(attribution.model.get("version")))
+    if run_link.startswith(("http://", "https://")):  # a tracking server: also a clickable link artifact
+        create_link_artifact(run_link, link_text="MLflow run", key=artifact_key(key, "mlflow"),
+                             description="The attribution's MLflow run (report, top-k JSON/Parquet, timings)")
     return str(create_markdown_artifact(topk_markdown(attribution, run_link), key=key,
                                         description=f"Top-{attribution.top_k} training rows; MLflow run: {run_link}"))
 

@@ -87,3 +87,21 @@ def test_topk_markdown_escapes_and_links() -> None:
     assert "[http://mlflow/#/experiments/1/runs/r1](http://mlflow/#/experiments/1/runs/r1)" in md
     assert "| 1 | 7 | 1.5 | a \\| b | x\\|y z |" in md
     assert "### Most helpful" in md and "### Most harmful" not in md  # empty lists are left out
+
+
+def test_publish_topk_adds_a_link_artifact_for_a_tracking_server(monkeypatch) -> None:
+    import uuid
+
+    import tasks.publish as publish
+    from rapidin.results import Attribution
+
+    made = []
+    monkeypatch.setattr(publish, "create_link_artifact", lambda link, **kw: made.append(("link", link, kw["key"])))
+    monkeypatch.setattr(publish, "create_markdown_artifact", lambda md, **kw: made.append(("md", md, kw["key"])) or uuid.uuid4())
+    att = Attribution(cache_id="c", cache_url="file:///c", model={"name": "tiny", "version": "2"}, sketch={}, top_k=1,
+                      generations=[])
+    publish.publish_topk(att, "http://mlflow:5000/#/experiments/1/runs/r")
+    publish.publish_topk(att, "`mlflow ui --backend-store-uri sqlite:///x.db` then open experiment 1, run r")
+    assert [(kind, key) for kind, _, key in made] == [("link", "attribution-tiny-2-mlflow"), ("md", "attribution-tiny-2"),
+                                                       ("md", "attribution-tiny-2")]
+    assert made[0][1] == "http://mlflow:5000/#/experiments/1/runs/r"
