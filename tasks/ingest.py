@@ -9,7 +9,6 @@ from datetime import timedelta
 
 import fsspec
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from rapidin.data import DataFormat, dataset_fingerprint, detect_format, read_rows, to_example

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
 if TYPE_CHECKING:
     from tests.flow_fixtures import World
