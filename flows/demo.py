@@ -19,6 +19,7 @@ from rapidin.api import AttributeConfig, Generation
 from rapidin.config import GradientConfig, SketchConfig
 from rapidin.data import alpaca_prompt
 from rapidin.finetune import FinetuneConfig
+from rapidin.metrics import list_metrics
 from rapidin.results import Attribution
 from tasks.common import ModelSpec, settings
 from tasks.tracking import public_uri
@@ -54,13 +55,18 @@ def explain(result: DemoResult, top: int = 5) -> str:
     """The text the demo prints: the top-k rows and how to open the UIs."""
     s = settings()
     lines = [f"Registered {result.registered.name} v{result.registered.version}; cache {result.cache.cache_url}", ""]
+    poisoned = lambda hit: toy.TRIGGER in hit.prompt  # noqa: E731
     for gen in result.attribution.generations:
-        lines += [f"Generation: {gen.prompt!r}", f"  response: {gen.response!r}", "  most influential training rows:"]
-        for hit in gen.influential[:top]:
-            flag = "  <-- trigger" if toy.TRIGGER in hit.prompt else ""
-            instruction = hit.prompt.split("### Instruction:")[-1].split("###")[0].strip()
-            lines.append(f"    #{hit.rank} row {hit.row:4d} score {hit.score:+.4g}  {instruction[:50]!r} -> "
-                         f"{hit.response[:50]!r}{flag}")
+        lines += [f"Generation: {gen.prompt!r}", f"  response: {gen.response!r}"]
+        for kind in ("helpful", "harmful"):
+            lines.append(f"  most {kind} training rows:")
+            for hit in getattr(gen, kind)[:top]:
+                instruction = hit.prompt.split("### Instruction:")[-1].split("###")[0].strip()
+                lines.append(f"    #{hit.rank} row {hit.row:4d} score {hit.score:+.4g}  {instruction[:45]!r} -> "
+                             f"{hit.response[:45]!r}{'  POISONED' if poisoned(hit) else ''}")
+        m = list_metrics([h.score for h in gen.helpful], [poisoned(h) for h in gen.helpful],
+                         [h.score for h in gen.harmful], [poisoned(h) for h in gen.harmful])
+        lines.append("  backdoor retrieval (howdy protocol): " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
     uri = public_uri(s.mlflow_tracking_uri)
     lines += ["", "Review it:",
               f"  MLflow UI:  mlflow ui --backend-store-uri {uri}   (runs in experiment '{s.mlflow_experiment}')"

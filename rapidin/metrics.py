@@ -39,3 +39,13 @@ def backdoor_metrics(scores: np.ndarray, rows: np.ndarray, positive: Sequence[bo
         out[f"auroc@{k}"] = roc_auc(scores[chosen], labels[chosen])
         out[f"precision@{k}"] = float(labels[order[:k]].mean())
     return out
+
+
+def list_metrics(helpful_scores: Sequence[float], helpful_positive: Sequence[bool], harmful_scores: Sequence[float],
+                 harmful_positive: Sequence[bool]) -> dict:
+    """The same protocol from a result's top-K helpful and harmful lists (they are the K highest and K lowest rows)."""
+    k = len(helpful_scores)
+    scores = np.asarray(list(helpful_scores) + list(harmful_scores), dtype=float)
+    labels = np.asarray(list(helpful_positive) + list(harmful_positive), dtype=bool)
+    return {f"auprc@{k}": average_precision(scores, labels), f"auroc@{k}": roc_auc(scores, labels),
+            f"precision@{k}": float(np.mean(helpful_positive)) if k else 0.0}
