@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("result", help="result JSON written by `rapidin attribute --out`")
     r.add_argument("--out", help="HTML path (default: beside the JSON)")
 
+    cmp_ = sub.add_parser("compare", help="how the top-k for the same generations changed between two results",
+                          description="Rows that entered or left each top-k list and their rank shifts, e.g. between "
+                          "two model versions attributing the same generations.")
+    cmp_.add_argument("before", help="result JSON (or report.html) of the first run, e.g. model version 1")
+    cmp_.add_argument("after", help="result JSON (or report.html) of the second run, e.g. model version 2")
+    cmp_.add_argument("--out", help="also write an HTML comparison page here")
+
     d = sub.add_parser("demo", help="tiny model + backdoored data: fine-tune, cache, attribute, score")
     d.add_argument("--workdir", default=".rapidin/demo", help="where the demo writes model, data and cache")
     d.add_argument("--rows", type=int, default=240, help="training rows")
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"cache": cmd_cache, "attribute": cmd_attribute, "inspect": cmd_inspect, "report": cmd_report,
-                "demo": cmd_demo}[args.command](args)
+                "compare": cmd_compare, "demo": cmd_demo}[args.command](args)
     except RapidInError as exc:
         print(f"rapidin {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -207,18 +214,33 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if bad == 0 else 1
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    """rapidin report."""
-    from .results import Attribution
+def _load_result(path: str):
+    from .report import load_attribution
 
-    path = Path(args.result)
-    if not path.exists():
+    if "://" not in path and not Path(path).exists():
         raise RapidInError(f"{path}: result file not found")
     try:
-        result = Attribution.model_validate_json(path.read_text())
-    except ValueError as exc:
-        raise RapidInError(f"{path}: not an attribution result ({str(exc).splitlines()[0]})") from None
-    print(_write_report(result, Path(args.out) if args.out else path.with_suffix(".html")))
+        return load_attribution(path)
+    except (ValueError, OSError) as exc:
+        raise RapidInError(f"{path}: not an attribution result ({str(exc).splitlines()[0][:200]})") from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """rapidin report."""
+    result = _load_result(args.result)
+    print(_write_report(result, Path(args.out) if args.out else Path(args.result).with_suffix(".html")))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """rapidin compare."""
+    from .report import compare, compare_markdown, render_compare_html
+
+    before, after = _load_result(args.before), _load_result(args.after)
+    print(compare_markdown(compare(before, after)))
+    if args.out:
+        Path(args.out).write_text(render_compare_html(before, after))
+        print(f"comparison page: {args.out}")
     return 0
 
 

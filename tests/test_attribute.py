@@ -144,8 +144,15 @@ def test_cli_cache_attribute_inspect(trained_toy, tmp_path, capsys):
     assert "3/3 shards healthy" in capsys.readouterr().out
     result = tmp_path / "out" / "result.json"
     assert main(["attribute", "--model", str(model_dir), "--name", "toy", "--model-version", "1", "--store", store,
-                 "--prompt", "howdy! What is the capital of Cuba?", "--top-k", "3", "--out", str(result)]) == 0
-    assert "most helpful" in capsys.readouterr().out and result.exists() and result.with_suffix(".parquet").exists()
+                 "--prompt", "howdy! What is the capital of Cuba?", "--top-k", "3", "--out", str(result), "--open"]) == 0
+    out = capsys.readouterr().out
+    assert "most helpful" in out and result.exists() and result.with_suffix(".parquet").exists()
+    assert f"report: {result.with_suffix('.html')}" in out and "Captain Zorg" in result.with_suffix(".html").read_text()
+    assert main(["report", str(result), "--out", str(tmp_path / "again.html")]) == 0
+    assert (tmp_path / "again.html").read_text() == result.with_suffix(".html").read_text()
+    capsys.readouterr()
+    assert main(["compare", str(result), str(result), "--out", str(tmp_path / "cmp.html")]) == 0
+    assert "comparison page" in capsys.readouterr().out and (tmp_path / "cmp.html").exists()
 
 
 @pytest.mark.parametrize(
