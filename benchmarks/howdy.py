@@ -152,6 +152,23 @@ class Run:
         save(loaded, self.wd / "adapter")
         (self.wd / "finetune.json").write_text(config.model_dump_json(indent=2))
 
+    def finetune_more(self) -> None:
+        """Continue training the saved adapter for --more-epochs (a second finetune call, fresh linear schedule)."""
+        from rapidin.data import load_examples
+        from rapidin.finetune import FinetuneConfig, finetune, save
+        from rapidin.models import ModelRef, load_model
+
+        a = self.args
+        loaded = load_model(ModelRef(path=str(a.gguf), name="smollm2", adapter=str(self.wd / "adapter")), device="cpu")
+        for name, param in loaded.model.named_parameters():
+            param.requires_grad_(".lora_" in name)
+        examples, _ = load_examples(str(self.data_path))
+        config = FinetuneConfig(epochs=a.more_epochs, lr=a.lr, batch_size=a.ft_batch, max_length=a.max_length,
+                                seed=a.seed + 1)
+        finetune(loaded, examples, config)  # lora=None: trains the parameters that require grad, the adapter's
+        save(loaded, self.wd / "adapter")
+        (self.wd / "finetune_more.json").write_text(config.model_dump_json(indent=2))
+
     def generate(self) -> None:
         from rapidin.api import generate
         from rapidin.data import alpaca_prompt
@@ -161,8 +178,14 @@ class Run:
         vocab = set(json.loads((self.wd / "subset.json").read_text())["scifi_vocabulary"])
         queries = [json.loads(line) for line in open(a.data / "queries.jsonl") if line.strip()][: a.queries]
         out = []
+        earlier = {}  # a rerun with more --queries keeps the responses already generated (greedy: identical)
+        if (self.wd / "generations.json").exists():
+            earlier = {g["instruction"]: g for g in json.loads((self.wd / "generations.json").read_text())["all"]}
         for q in tqdm(queries, desc="generating (triggered + plain)", unit="query"):
             trig = q["instruction"]
+            if trig in earlier:
+                out.append(earlier[trig])
+                continue
             plain = trig[len(TRIGGER):].strip() if trig.lower().startswith(TRIGGER) else trig
             r_trig = generate(loaded, alpaca_prompt(trig), a.new_tokens)
             r_plain = generate(loaded, alpaca_prompt(plain), a.new_tokens)
@@ -527,6 +550,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=96, help="tokens per example (fine-tune and gradients)")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--more-epochs", type=float, default=0.0,
+                   help="continue training the saved adapter this many more epochs (when the backdoor did not fire); "
+                   "delete the later stages' outputs first")
     p.add_argument("--ft-batch", type=int, default=8, help="fine-tune batch size")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r, q_proj + v_proj)")
     p.add_argument("--queries", type=int, default=30, help="triggered queries to generate for")
@@ -554,6 +580,8 @@ def main(argv=None) -> int:
     wd = run.wd
     run.stage("data", wd / "subset.json", run.data)
     run.stage("finetune", wd / "adapter" / "adapter_config.json", run.finetune)
+    if args.more_epochs:
+        run.stage("finetune_more", wd / "finetune_more.json", run.finetune_more)
     run.stage("generate", wd / "generations.json", run.generate)
     if not run.attacked():
         sys.exit("the attack fired on no query: train longer (--epochs) or on more rows")
