@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=20, help="rows per list")
     a.add_argument("--token-wise", action="store_true", help="also score each generated token and top rows' tokens")
     a.add_argument("--target", nargs="*", default=[], help="restrict the generation's loss to these words (RapidIn-TW)")
+    a.add_argument("--auto-target", type=int, default=0, metavar="N",
+                   help="restrict the loss to N automatically chosen tokens: with an adapter, those whose log-prob "
+                   "the fine-tune raised most; else those with the largest gradient norm (RapidIn-TW, no answer needed)")
     a.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate when no --response is given")
     a.add_argument("--out", help="write the result JSON here (and .parquet beside it)")
     a.add_argument("--open", action="store_true", help="also write an HTML report beside --out and print its path")
@@ -142,12 +145,16 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     responses = args.response or []
     if responses and len(responses) != len(args.prompt):
         raise RapidInError(f"--response given {len(responses)} times for {len(args.prompt)} --prompt values")
+    try:
+        config = AttributeConfig(top_k=args.top_k, token_wise=args.token_wise, target=tuple(args.target),
+                                 auto_target=args.auto_target, max_new_tokens=args.max_new_tokens)
+    except ValueError as exc:
+        detail = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+        raise RapidInError(f"options: {detail.removeprefix('Value error, ')}") from None
     settings, loaded = _load(args)
     store = None if args.cache else (args.store or settings.store_url)
     gens = [Generation(prompt=p, response=responses[i] if responses else None, raw_prompt=args.raw_prompt)
             for i, p in enumerate(args.prompt)]
-    config = AttributeConfig(top_k=args.top_k, token_wise=args.token_wise, target=tuple(args.target),
-                             max_new_tokens=args.max_new_tokens)
     result = attribute(loaded, gens, store_root=store, cache_url=args.cache, config=config,
                        storage_options=settings.storage_options(args.cache or store))
     _print_attribution(result)

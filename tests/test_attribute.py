@@ -161,6 +161,8 @@ def test_cli_cache_attribute_inspect(trained_toy, tmp_path, capsys):
         (["cache", "--model", "/nonexistent/model", "--data", "x.jsonl"], "/nonexistent/model: model path does not exist"),
         (["inspect", "file:///nonexistent/cache"], "manifest.json not found"),
         (["report", "/nonexistent/result.json"], "result file not found"),
+        (["attribute", "--model", "m", "--prompt", "p", "--target", "a", "--auto-target", "2"],
+         "give either target words or auto_target, not both"),
     ],
 )
 def test_cli_errors_are_one_line(argv, message, capsys):
