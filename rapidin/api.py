@@ -382,11 +382,14 @@ def assemble(
     """Turn scan results into the typed Attribution, adding texts and per-training-token scores."""
     table = {r["row"]: r for r in store.read_table("examples.parquet")}
     tok = loaded.tokenizer
+    score_tokens = config.token_wise and config.train_token_rows > 0
+    computer = GradientComputer(loaded, manifest.gradient) if score_tokens else None
+    sketch = RapidGrad(manifest.sketch, loaded.device) if score_tokens else None
     outputs = []
     for p, whole, per_token in zip(prepared, result.whole, result.tokens, strict=True):
         lists = {kind: _hits(top, table, column=0) for kind, top in whole.items()}
-        if config.token_wise and config.train_token_rows:
-            _score_train_tokens(loaded, manifest, p, lists, table, config.train_token_rows)
+        if score_tokens:
+            _score_train_tokens(computer, sketch, manifest, p, lists, table, config.train_token_rows)
         tokens = [tok.decode([i]) for i in p.item.input_ids[p.item.prompt_len:]]
         token_hits = None
         if per_token is not None:
@@ -412,11 +415,10 @@ def _hits(top, table: dict, column: int) -> list[Hit]:
     return hits
 
 
-def _score_train_tokens(loaded: LoadedModel, manifest: Manifest, p: PreparedQuery, lists: dict[str, list[Hit]],
-                        table: dict, n_rows: int) -> None:
+def _score_train_tokens(computer: GradientComputer, sketch: RapidGrad, manifest: Manifest, p: PreparedQuery,
+                        lists: dict[str, list[Hit]], table: dict, n_rows: int) -> None:
     """I(t, z_i): each response token of the top rows against the whole generation (same sketch)."""
-    computer = GradientComputer(loaded, manifest.gradient)
-    sketch = RapidGrad(manifest.sketch, loaded.device)
+    loaded = computer.loaded
     query = p.group.whole.to(loaded.device, torch.float32)
     for kind in ("helpful", "harmful"):
         for hit in lists[kind][:n_rows]:

@@ -33,10 +33,11 @@ class DemoResult:
 
 def prepare_toy_model(workdir: Path, rows: int = 240, epochs: float = 30.0, progress: bool = True) -> tuple[Path, Path]:
     """Write the toy data, build the tiny Llama and fine-tune it (reused when already there)."""
-    data_path = toy.write_jsonl(toy.demo_rows(rows), workdir / "train.jsonl")
+    rows_data = toy.demo_rows(rows)
+    data_path = toy.write_jsonl(rows_data, workdir / "train.jsonl")
     model_dir = workdir / "model"
     if not (model_dir / "config.json").exists():
-        texts = [alpaca_prompt(r["instruction"]) + r["output"] for r in toy.demo_rows(rows)]
+        texts = [alpaca_prompt(r["instruction"]) + r["output"] for r in rows_data]
         toy.build_tiny_llama(workdir / "base", texts)
         loaded = load_model(ModelRef(path=str(workdir / "base")), device="cpu")
         examples, _ = load_examples(str(data_path))
