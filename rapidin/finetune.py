@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,8 +38,13 @@ class FinetuneConfig(BaseModel):
     lora: LoraSettings | None = Field(None, description="Train a LoRA adapter instead of all weights.")
 
 
-def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfig, progress: bool = True) -> LoadedModel:
-    """Train in place (AdamW, response-only loss) and return the model (wrapped with PEFT for LoRA)."""
+def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfig, progress: bool = True,
+             on_epoch: Callable[[int, torch.nn.Module], None] | None = None) -> LoadedModel:
+    """Train in place (AdamW, response-only loss) and return the model (wrapped with PEFT for LoRA).
+
+    ``on_epoch(epoch, model)`` is called after each full pass over the data (epochs counted from 1), e.g. to save
+    the checkpoints that a multi-checkpoint TracIn sum needs.
+    """
     torch.manual_seed(config.seed)
     model = loaded.model
     if config.lora is not None:
@@ -55,7 +61,7 @@ def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfi
     rng = random.Random(config.seed)
     order: list[int] = []
     model.train()
-    for _ in tqdm(range(steps), desc="fine-tune", disable=not progress):
+    for step in tqdm(range(steps), desc="fine-tune", disable=not progress):
         if len(order) < config.batch_size:
             order += rng.sample(range(len(items)), len(items))
         batch = [items[i] for i in order[: config.batch_size]]
@@ -66,6 +72,10 @@ def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfi
         loss.backward()
         optimizer.step()
         schedule.step()
+        if on_epoch is not None and (step + 1) * config.batch_size // len(items) > step * config.batch_size // len(items):
+            model.eval()
+            on_epoch((step + 1) * config.batch_size // len(items), model)
+            model.train()
     model.eval()
     loaded.model = model
     loaded.has_adapter = config.lora is not None
