@@ -191,7 +191,7 @@ def bench_caching(label: str, loaded, data_rows: list[dict], args, workdir: Path
 
     data_path = workdir / f"{label}-data.jsonl"
     data_path.write_text("".join(json.dumps(r) + "\n" for r in data_rows))
-    gcfg = GradientConfig(max_length=args.max_length, batch_size=args.batch_size)
+    gcfg = GradientConfig.paper(max_length=args.max_length, batch_size=args.batch_size)  # every adapter tensor, as the original
     scfg = SketchConfig(k=args.k, lam=args.lam)
     options = dict(sketch=scfg, gradient=gcfg, shard_rows=args.shard_rows, skip_bad_rows=True)
 

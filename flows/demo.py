@@ -58,15 +58,17 @@ def explain(result: DemoResult, top: int = 5) -> str:
     poisoned = lambda hit: toy.TRIGGER in hit.prompt  # noqa: E731
     for gen in result.attribution.generations:
         lines += [f"Generation: {gen.prompt!r}", f"  response: {gen.response!r}"]
-        for kind in ("helpful", "harmful"):
-            lines.append(f"  most {kind} training rows:")
+        for kind in ("influential", "helpful", "harmful"):
+            lines.append(f"  most {kind} training rows{' (|score|: the default answer)' if kind == 'influential' else ''}:")
             for hit in getattr(gen, kind)[:top]:
                 instruction = hit.prompt.split("### Instruction:")[-1].split("###")[0].strip()
                 lines.append(f"    #{hit.rank} row {hit.row:4d} score {hit.score:+.4g}  {instruction[:45]!r} -> "
                              f"{hit.response[:45]!r}{'  POISONED' if poisoned(hit) else ''}")
         m = list_metrics([h.score for h in gen.helpful], [poisoned(h) for h in gen.helpful],
                          [h.score for h in gen.harmful], [poisoned(h) for h in gen.harmful])
-        lines.append("  backdoor retrieval (howdy protocol): " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+        hits = gen.influential[:top]
+        lines.append(f"  poisoned among the top-{len(hits)} influential rows: {sum(map(poisoned, hits))}/{len(hits)}; "
+                     "helpful+harmful lists (paper's signed protocol): " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
     uri = public_uri(s.mlflow_tracking_uri)
     lines += ["", "Review it:",
               f"  MLflow UI:  mlflow ui --backend-store-uri {uri}   (runs in experiment '{s.mlflow_experiment}')"

@@ -199,8 +199,13 @@ class Generation(BaseModel):
     raw_prompt: bool = Field(False, description="Use the prompt as is instead of the training data's template.")
 
 
+DEFAULT_AUTO_TARGET = 4  # benchmarks/README_quality.md: the measured best automatic target size on the Howdy backdoor
+
+
 class AttributeConfig(BaseModel):
-    """Retrieval options."""
+    """Retrieval options. The defaults answer "which training rows caused this generation?" as measured best on the
+    Howdy backdoor (automatic target tokens; read the `influential` list); `AttributeConfig.paper()` is the
+    RapidIn paper's exact behaviour (the whole generation's loss; read the `helpful` list)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -209,20 +214,28 @@ class AttributeConfig(BaseModel):
     train_token_rows: int = Field(5, ge=0, description="Top helpful/harmful rows whose own tokens get scored.")
     target: tuple[str, ...] = Field((), description="Restrict the generation's loss to these words (RapidIn-TW).")
     auto_target: int = Field(
-        0, ge=0,
+        DEFAULT_AUTO_TARGET, ge=0,
         description="RapidIn-TW without knowing the answer: restrict the generation's loss to N automatically "
-        "chosen response tokens (0 = off). With an adapter: the N tokens whose log-probability the fine-tune "
-        "raised most (adapter on vs off); without one: the N tokens with the largest per-token loss-gradient "
-        "norm. Cannot be combined with `target`.",
+        "chosen response tokens (0 = the whole generation, as in the paper). With an adapter: the N tokens whose "
+        "log-probability the fine-tune raised most (adapter on vs off); without one: the N tokens with the largest "
+        "per-token loss-gradient norm. Off when `target` words are given.",
     )
     max_new_tokens: int = Field(64, ge=1, description="Tokens to generate when no response is given.")
     verify: bool = Field(True, description="Check shard checksums while scanning.")
 
-    @model_validator(mode="after")
-    def _one_target_kind(self) -> AttributeConfig:
-        if self.target and self.auto_target:
-            raise ValueError("give either target words or auto_target, not both")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _one_target_kind(cls, data):
+        if isinstance(data, dict) and data.get("target"):
+            if data.get("auto_target"):
+                raise ValueError("give either target words or auto_target, not both")
+            data = {**data, "auto_target": 0}  # known target words replace the automatic choice
+        return data
+
+    @classmethod
+    def paper(cls, **options) -> AttributeConfig:
+        """The RapidIn paper's scoring: the whole generation's loss (no target restriction)."""
+        return cls(**{"auto_target": 0, **options})
 
 
 def format_prompt(loaded: LoadedModel, prompt: str, fmt: str) -> str:

@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="sketch seed")
     c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="stored vector dtype")
     c.add_argument("--params", nargs="*", default=[], help="regexes of attributed parameter names "
-                   "(default: adapter tensors if --adapter, else every Linear weight)")
+                   "(default: the adapter tensors chosen by --adapter-tensors if --adapter, else every Linear weight)")
+    c.add_argument("--adapter-tensors", choices=["mlp_b", "b", "all"], default=None,
+                   help="with --adapter and no --params: 'mlp_b' (default) the LoRA B matrices of the MLP layers, "
+                   "the measured best at finding the rows behind a behaviour; 'b' every LoRA B; 'all' every LoRA "
+                   "tensor, as in the paper")
+    c.add_argument("--paper", action="store_true", help="the RapidIn paper's tensor choice (--adapter-tensors all)")
     c.add_argument("--max-length", type=int, default=512, help="tokens per example; longer rows are truncated")
     c.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward pass")
     c.add_argument("--shard-rows", type=int, default=1024, help="rows per shard (unit of commit and resume)")
@@ -60,9 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=20, help="rows per list")
     a.add_argument("--token-wise", action="store_true", help="also score each generated token and top rows' tokens")
     a.add_argument("--target", nargs="*", default=[], help="restrict the generation's loss to these words (RapidIn-TW)")
-    a.add_argument("--auto-target", type=int, default=0, metavar="N",
-                   help="restrict the loss to N automatically chosen tokens: with an adapter, those whose log-prob "
-                   "the fine-tune raised most; else those with the largest gradient norm (RapidIn-TW, no answer needed)")
+    a.add_argument("--auto-target", type=int, default=None, metavar="N",
+                   help="restrict the loss to N automatically chosen tokens (default 4; 0 = whole generation): with an "
+                   "adapter, those whose log-prob the fine-tune raised most; else those with the largest gradient norm "
+                   "(RapidIn-TW without knowing the answer; the measured best, benchmarks/README_quality.md)")
+    a.add_argument("--paper", action="store_true",
+                   help="the RapidIn paper's scoring: the whole generation's loss (same as --auto-target 0)")
     a.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate when no --response is given")
     a.add_argument("--out", help="write the result JSON here (and .parquet beside it)")
     a.add_argument("--open", action="store_true", help="also write an HTML report beside --out and print its path")
@@ -126,7 +134,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         loaded, args.data, store, fmt=args.format, shard_rows=args.shard_rows, skip_bad_rows=args.skip_bad_rows,
         sketch=SketchConfig(k=args.k or settings.k, lam=settings.lam if args.lam is None else args.lam,
                             seed=args.seed, dtype=args.dtype),
-        gradient=GradientConfig(params=tuple(args.params), max_length=args.max_length, batch_size=args.batch_size),
+        gradient=GradientConfig(params=tuple(args.params), max_length=args.max_length, batch_size=args.batch_size,
+                                **_adapter_tensors(args)),
         storage_options=settings.storage_options(store), data_storage_options=settings.storage_options(args.data),
     )
     url = f"{store.rstrip('/')}/{manifest.model['name']}/{manifest.model['version']}/{manifest.cache_id}"
@@ -138,6 +147,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_tensors(args: argparse.Namespace) -> dict:
+    if args.paper and args.adapter_tensors not in (None, "all"):
+        raise RapidInError(f"--paper attributes every adapter tensor: it contradicts --adapter-tensors {args.adapter_tensors}")
+    choice = "all" if args.paper else args.adapter_tensors
+    return {} if choice is None else {"adapter_tensors": choice}
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     """rapidin attribute."""
     from .api import AttributeConfig, Generation, attribute
@@ -146,8 +162,13 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if responses and len(responses) != len(args.prompt):
         raise RapidInError(f"--response given {len(responses)} times for {len(args.prompt)} --prompt values")
     try:
+        if args.paper and args.auto_target:
+            raise ValueError("--paper scores the whole generation: it cannot be combined with --auto-target")
+        chosen = {"auto_target": 0} if args.paper else {}
+        if args.auto_target is not None:
+            chosen["auto_target"] = args.auto_target
         config = AttributeConfig(top_k=args.top_k, token_wise=args.token_wise, target=tuple(args.target),
-                                 auto_target=args.auto_target, max_new_tokens=args.max_new_tokens)
+                                 max_new_tokens=args.max_new_tokens, **chosen)
     except ValueError as exc:
         detail = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
         raise RapidInError(f"options: {detail.removeprefix('Value error, ')}") from None
@@ -187,8 +208,9 @@ def _short(text: str, width: int = 70) -> str:
 def _print_attribution(result, marks: list[bool] | None = None) -> None:
     for g, gen in enumerate(result.generations):
         print(f"\n[{g}] prompt:   {_short(gen.prompt)}\n    response: {_short(gen.response)}")
-        for kind in ("helpful", "harmful"):
-            print(f"    most {kind}:")
+        for kind, title in (("influential", "most influential (|score|)"), ("helpful", "most helpful"),
+                            ("harmful", "most harmful")):
+            print(f"    {title}:")
             for hit in getattr(gen, kind):
                 flag = (" POISONED" if marks[hit.row] else "         ") if marks else ""
                 print(f"      {hit.rank:>3}. row {hit.row:>6} {hit.score:+9.4f}{flag}  {_short(hit.response, 60)}")

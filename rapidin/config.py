@@ -29,12 +29,24 @@ class GradientConfig(BaseModel):
 
     params: tuple[str, ...] = Field(
         (),
-        description="Regexes selecting attributed parameter names; empty = adapter tensors if an "
-        "adapter is loaded, else every nn.Linear weight not tied to an embedding.",
+        description="Regexes selecting attributed parameter names; empty = the adapter's tensors chosen by "
+        "`adapter_tensors` if an adapter is loaded, else every nn.Linear weight not tied to an embedding.",
+    )
+    adapter_tensors: Literal["mlp_b", "b", "all"] = Field(
+        "mlp_b",
+        description="Adapter tensors attributed when `params` is empty: 'mlp_b' the LoRA B matrices of the "
+        "feed-forward (MLP) layers, the measured best at finding the rows behind a behaviour "
+        "(benchmarks/README_quality.md; falls back to 'b' when the adapter has no MLP layer); 'b' every LoRA B; "
+        "'all' every LoRA tensor, as in the RapidIn paper.",
     )
     normalize: bool = Field(True, description="L2-normalise each parameter tensor's gradient (layer-wise).")
     max_length: int = Field(512, ge=2, description="Tokens per example; longer rows are truncated.")
     batch_size: int = Field(8, ge=1, description="Examples per forward/backward pass (does not change numbers).")
+
+    @classmethod
+    def paper(cls, **options) -> GradientConfig:
+        """The RapidIn paper's choice: every adapter tensor (A and B of every adapted layer)."""
+        return cls(**{"adapter_tensors": "all", **options})
 
     def fingerprint_fields(self) -> dict:
         """Fields that change the cached numbers (batch size does not)."""

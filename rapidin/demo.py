@@ -65,7 +65,8 @@ def run_demo(workdir: str | Path = ".rapidin/demo", rows: int = 240, k: int = 2*
                                   config=AttributeConfig(top_k=top_k), progress=progress, keep_all_scores=True)
     timings["attribute"] = time.perf_counter() - t2
     poisoned = [r["poisoned"] for r in toy.demo_rows(rows)]
-    metrics = [backdoor_metrics(s.numpy(), scan.all_rows.numpy(), poisoned, ks=(5, 10)) for s in scan.all_scores]
+    # ranked by |score|, as the `influential` list the documented default reads
+    metrics = [backdoor_metrics(s.abs().numpy(), scan.all_rows.numpy(), poisoned, ks=(5, 10)) for s in scan.all_scores]
     return DemoResult(attribution, poisoned, metrics, timings, str(model_dir), str(data_path), store)
 
 

@@ -23,7 +23,7 @@ class GradientComputer:
     def __init__(self, loaded: LoadedModel, config: GradientConfig) -> None:
         self.loaded = loaded
         self.config = config
-        self.modules = attributed_modules(loaded.model, config.params, loaded.has_adapter)
+        self.modules = attributed_modules(loaded.model, config.params, loaded.has_adapter, config.adapter_tensors)
         self._selected = {id(m.weight) for _, m in self.modules}
         self.layout = [(f"{name}.weight", tuple(m.weight.shape)) for name, m in self.modules]
         self.dim = sum(m.weight.numel() for _, m in self.modules)

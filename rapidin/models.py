@@ -151,8 +151,14 @@ def model_fingerprint(model: Any, tokenizer: Any) -> str:
     return digest.hexdigest()[:32]
 
 
-def attributed_modules(model: Any, patterns: tuple[str, ...], has_adapter: bool) -> list[tuple[str, torch.nn.Linear]]:
-    """The nn.Linear modules whose weights are attributed (see GradientConfig.params)."""
+# Feed-forward sublayers across architectures: Llama/Mistral/Qwen/Gemma/GPT-2/NeoX `mlp`, OPT `fc1`/`fc2`,
+# Mixtral `experts`, T5 `DenseReluDense`, Falcon/others `feed_forward`/`ffn`.
+MLP_MODULE = re.compile(r"(^|\.)(mlp|feed_forward|ffn|fc1|fc2|experts|DenseReluDense)(\.|$)")
+
+
+def attributed_modules(model: Any, patterns: tuple[str, ...], has_adapter: bool,
+                       adapter_tensors: str = "all") -> list[tuple[str, torch.nn.Linear]]:
+    """The nn.Linear modules whose weights are attributed (see GradientConfig.params and .adapter_tensors)."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     linears = [
         (name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in tied
@@ -164,6 +170,10 @@ def attributed_modules(model: Any, patterns: tuple[str, ...], has_adapter: bool)
     elif has_adapter:
         chosen = [(n, m) for n, m in linears if ".lora_" in n]
         what = "the adapter (no lora_ Linear layers)"
+        if adapter_tensors != "all":
+            chosen = [(n, m) for n, m in chosen if ".lora_B" in n]
+        if adapter_tensors == "mlp_b":  # falls back to every LoRA B when the adapter has no feed-forward layer
+            chosen = [(n, m) for n, m in chosen if MLP_MODULE.search(n)] or chosen
     else:
         chosen, what = linears, "the model (no nn.Linear layers)"
     if not chosen:

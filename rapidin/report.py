@@ -25,7 +25,7 @@ from typing import Any
 
 from .results import Attribution, GenerationResult, Hit
 
-KINDS = ("helpful", "harmful", "influential")
+KINDS = ("influential", "helpful", "harmful")  # influential (|score|) first: the documented default answer
 SCHEMA = "rapidin.report/1"
 _TEXT_FIELDS = ("id", "prompt", "response")
 
@@ -409,7 +409,7 @@ def _md(text: str) -> str:
 
 
 def markdown_summary(attribution: Attribution, top: int = 10, links: dict[str, str] | None = None) -> str:
-    """A markdown summary: per generation, the top helpful and harmful rows (text escaped for tables)."""
+    """A markdown summary: per generation, the top influential, helpful and harmful rows (text escaped for tables)."""
     out = [f"# RapidIn attribution: {_md(str(attribution.model.get('name', '?')))} "
            f"{_md(str(attribution.model.get('version', '')))}", ""]
     for label, url in (links or {}).items():
@@ -419,8 +419,8 @@ def markdown_summary(attribution: Attribution, top: int = 10, links: dict[str, s
     for g, gen in enumerate(attribution.generations):
         out += [f"## Generation {g + 1}", "", f"**Prompt:** {_md(_preview(gen.prompt, 200))}", "",
                 f"**Response:** {_md(_preview(gen.response, 300))}", ""]
-        for kind in ("helpful", "harmful"):
-            out += [f"### Top {kind}", "", "| rank | score | row | id | response |", "|---:|---:|---:|---|---|"]
+        for kind in KINDS:
+            out += [f"### Top {kind}" + (" (|score|)" if kind == "influential" else ""), "", "| rank | score | row | id | response |", "|---:|---:|---:|---|---|"]
             out += [f"| {h.rank} | {h.score:.4g} | {h.row} | `{_md(h.id)}` | {_md(_preview(h.response, 120))} |"
                     for h in getattr(gen, kind)[:top]]
             out.append("")
@@ -617,7 +617,7 @@ tr.entered td:first-child{color:var(--pos);font-weight:700}tr.left td:first-chil
 _SCRIPT = r"""
 (function(){
 'use strict';
-var POS=[230,97,1],NEG=[33,102,172],KINDS=['helpful','harmful','influential'];
+var POS=[230,97,1],NEG=[33,102,172],KINDS=['influential','helpful','harmful'];
 var payload=JSON.parse(document.getElementById('rapidin-data').textContent);
 var texts=payload.texts,att=payload.attribution;
 function field(h,f){return h[f]!==undefined?h[f]:(texts[String(h.row)]||{})[f];}

@@ -26,7 +26,7 @@ from .config import GradientConfig
 from .errors import CacheError, StorageError
 from .sketch import RapidGradSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: GradientConfig.adapter_tensors (a v1 manifest does not say which adapter tensors)
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:

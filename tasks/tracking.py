@@ -76,7 +76,8 @@ def sketch_params(manifest: Manifest) -> dict[str, Any]:
     g = manifest.gradient
     return {"K": cfg.k, "lambda": cfg.lam, "seed": cfg.seed, "method": cfg.method, "dtype": cfg.dtype,
             "D": manifest.sketch.d, "max_length": g.max_length, "normalize": g.normalize,
-            "params": ",".join(g.params) or "(default)", "shard_rows": manifest.shard_rows}
+            "params": ",".join(g.params) or "(default)", "adapter_tensors": g.adapter_tensors,
+            "shard_rows": manifest.shard_rows}
 
 
 def ratio_metrics(manifest: Manifest) -> dict[str, float]:

@@ -47,8 +47,8 @@ def ranked(scores, k):
 
 def test_scores_equal_brute_force_and_token_wise(toy, matrix):
     loaded, data, root, manifest = toy
-    result = attribute(loaded, [GEN], store_root=root, config=AttributeConfig(top_k=5, token_wise=True, train_token_rows=1),
-                       progress=False)
+    config = AttributeConfig.paper(top_k=5, token_wise=True, train_token_rows=1)  # the whole generation's loss
+    result = attribute(loaded, [GEN], store_root=root, config=config, progress=False)
     gen = result.generations[0]
     computer = GradientComputer(loaded, manifest.gradient)
     sketch = RapidGrad(manifest.sketch)

@@ -1,5 +1,7 @@
 """Batched per-example (and per-token) gradients equal a brute-force batch-1 autograd loop."""
 
+import re
+
 import pytest
 import torch
 
@@ -70,12 +72,28 @@ def test_lora_adapter_batched_equals_loop(tiny, toy_data):
     tiny.model = get_peft_model(tiny.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     tiny.model.double().eval()
     tiny.has_adapter = True
-    computer = GradientComputer(tiny, GradientConfig())
+    computer = GradientComputer(tiny, GradientConfig.paper())
     assert all(".lora_" in name for name, _ in computer.layout) and len(computer.layout) == 8
     items = items_of(tiny, toy_data, n=4)
     batched = computer.gradients(items)
     for b, item in enumerate(items):
         assert relative_error(batched[b], brute_force(tiny, computer, item)) < 1e-10
+
+
+@pytest.mark.parametrize(("modules", "tensors", "expected"), [
+    (["q_proj", "v_proj", "gate_proj", "down_proj"], "mlp_b", {"gate_proj.lora_B", "down_proj.lora_B"}),
+    (["q_proj", "v_proj"], "mlp_b", {"q_proj.lora_B", "v_proj.lora_B"}),  # no MLP layer adapted: every LoRA B
+    (["q_proj", "gate_proj"], "b", {"q_proj.lora_B", "gate_proj.lora_B"}),
+    (["q_proj", "gate_proj"], "all", {"q_proj.lora_A", "q_proj.lora_B", "gate_proj.lora_A", "gate_proj.lora_B"}),
+])
+def test_adapter_tensor_sets(tiny, modules, tensors, expected):
+    from peft import LoraConfig, get_peft_model
+
+    tiny.model = get_peft_model(tiny.model, LoraConfig(r=2, target_modules=modules))
+    tiny.has_adapter = True
+    layout = GradientComputer(tiny, GradientConfig(adapter_tensors=tensors)).layout
+    short = {re.sub(r"^.*\.(\w+_proj)\.(lora_[AB]).*$", r"\1.\2", name) for name, _ in layout}
+    assert short == expected and len(layout) == 2 * len(expected)  # two layers
 
 
 def test_param_patterns_select_tensors(tiny):

@@ -614,7 +614,9 @@ def test_browser_real_attribution(browser, real_attribution, tmp_path):
         # "only rows that drove it" filter hides the others
         page.click("#gen-0 .only-driving")
         state = page.js(_STATE)
-        assert all(c["visible"] == c["drives"] for c in state["gens"][0]["lists"]["helpful"])
+        # the influential (|score|) tab is open by default
+        assert all(c["visible"] == c["drives"] for c in state["gens"][0]["lists"]["influential"])
+        assert not any(c["visible"] for c in state["gens"][0]["lists"]["helpful"])
         # clicking the selected token again clears the selection
         page.click(f'#gen-0 .tok[data-pos="{pos}"]')
         state = page.js(_STATE)
