@@ -234,14 +234,7 @@ class Run:
             if not hand:  # no sci-fi word at all (only with --smoke): the whole response
                 hand, hand_source = list(range(item.prompt_len, len(item.input_ids))), "whole"
             auto, rule = auto_target_positions(loaded, item, self.args.auto_target, computer.config)
-            rows = []
-            for positions in (None, hand, auto):
-                w = None
-                if positions is not None:
-                    w = torch.zeros(len(item.input_ids))
-                    w[positions] = 1.0
-                rows.append(computer.gradients([item], None if w is None else [w])[0])
-            vectors.append(torch.stack(rows))
+            vectors.append(rule_gradients(computer, item, [None, hand, auto]))
             tokens = [loaded.tokenizer.decode([t]) for t in item.input_ids]
             meta.append({"hand_positions": hand, "hand_source": hand_source, "hand_tokens": [tokens[t] for t in hand],
                          "auto_positions": auto, "auto_rule": rule, "auto_tokens": [tokens[t] for t in auto],
@@ -435,12 +428,7 @@ class Run:
             chosen = [auto_target_positions(loaded, item, n)[0] for n in self.args.extra_n]
             chosen.append(auto_target_positions(no_adapter, item, self.args.auto_target,
                                                 self.gradient_config((r"\.lora_",)))[0])
-            rows = []
-            for positions in chosen:
-                w = torch.zeros(len(item.input_ids))
-                w[positions] = 1.0
-                rows.append(computer.gradients([item], [w])[0])
-            vectors.append(torch.stack(rows))
+            vectors.append(rule_gradients(computer, item, chosen))
             tokens = [loaded.tokenizer.decode([t]) for t in item.input_ids]
             meta.append({**{n: [tokens[t] for t in c] for n, c in zip(names, chosen, strict=True)},
                          "positions": dict(zip(names, chosen, strict=True))})
@@ -485,14 +473,7 @@ class Run:
             for g, m, x in zip(self.attacked(), meta, extra, strict=True):
                 item = tokenize(loaded.tokenizer, alpaca_prompt(g["instruction"]), g["triggered_response"], a.max_length)
                 chosen = [None, m["hand_positions"], m["auto_positions"]] + [x["positions"][r] for r in rules[3:]]
-                grads = []
-                for positions in chosen:
-                    w = None
-                    if positions is not None:
-                        w = torch.zeros(len(item.input_ids))
-                        w[positions] = 1.0
-                    grads.append(computer.gradients([item], None if w is None else [w])[0])
-                vectors.append(torch.stack(grads))
+                vectors.append(rule_gradients(computer, item, chosen))
             q = torch.stack(vectors)
 
             def chunks():
@@ -604,6 +585,18 @@ class Run:
                                  source=f"epoch{e}", target=rule, params=params)
                     name = "+".join(f"epoch-{e}" for e in epochs) + " + final"
                     evaluate(f"TracIn sum ({name})", total, None, ranking, source="tracin", target=rule, params=params)
+
+
+def rule_gradients(computer, item, rules: list[list[int] | None]) -> torch.Tensor:
+    """The generation's gradient once per loss restriction: None = every response token, else those positions."""
+    rows = []
+    for positions in rules:
+        weights = None
+        if positions is not None:
+            weights = torch.zeros(len(item.input_ids))
+            weights[positions] = 1.0
+        rows.append(computer.gradients([item], None if weights is None else [weights])[0])
+    return torch.stack(rows)
 
 
 def export_fixture(wd: Path, out: Path, rows: int, generations: int, seed: int) -> None:
