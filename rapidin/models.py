@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -108,9 +109,9 @@ def load_model(
         raise ModelError(f"{ref.path}: model path does not exist")
     kwargs: dict[str, Any] = {"trust_remote_code": ref.trust_remote_code}
     directory = local
-    if local.endswith(".gguf"):
-        directory, kwargs["gguf_file"] = str(Path(local).parent), Path(local).name
     try:
+        if local.endswith(".gguf"):
+            directory = _dequantised_gguf(local, cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, ref.dtype), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -121,6 +122,33 @@ def load_model(
         model = _apply_adapter(model, localize(ref.adapter, cache_dir, storage_options), ref.adapter)
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, ref, model_fingerprint(model, tokenizer), bool(ref.adapter), dev)
+
+
+def _dequantised_gguf(path: str, cache_dir: str) -> str:
+    """Transformers re-parses a GGUF file on every load (tens of seconds even for 135M parameters), so convert it
+    once to a safetensors directory under cache_dir, keyed by the file's sha256, and load that from then on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    target = Path(cache_dir).expanduser() / "gguf" / digest.hexdigest()[:32]
+    if (target / ".complete").exists():
+        return str(target)
+    parent, name = str(Path(path).parent), Path(path).name
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    AutoTokenizer.from_pretrained(parent, gguf_file=name).save_pretrained(tmp)
+    model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are already dequantised: save them as plain float32
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(tmp)
+    (tmp / ".complete").touch()
+    try:
+        os.replace(tmp, target)  # atomic: a concurrent loader either sees the whole directory or none
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def _apply_adapter(model: Any, local: str, shown: str) -> Any:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,17 @@ def test_gguf_lora_batched_equals_loop(smol, tmp_path):
     result = attribute(smol, [Generation(prompt="What is 2+2?", response="4.")], store_root=tmp_path.as_uri(),
                        config=AttributeConfig(top_k=3), progress=False)
     assert result.generations[0].helpful[0].row == 0  # the identical training row is the most helpful
+
+
+def test_gguf_is_dequantised_once_and_reused(smol):
+    """The fixture's load converted the GGUF file once to a safetensors directory keyed by its sha256 (in the
+    default model cache); later loads read that directory and give the same weights and tokenizer."""
+    from rapidin.models import _dequantised_gguf
+
+    t0 = time.perf_counter()
+    converted = Path(_dequantised_gguf(str(GGUF), "~/.cache/rapidin/models"))
+    assert time.perf_counter() - t0 < 5  # only the file's hash: no GGUF parsing
+    assert (converted / ".complete").exists() and (converted / "model.safetensors").exists()
+    again = load_model(ModelRef(path=str(GGUF), adapter=smol.ref.adapter, name="smollm2", version="test"), device="cpu")
+    assert again.fingerprint == smol.fingerprint
+    assert "<|im_start|>" in again.tokenizer.chat_template
