@@ -72,9 +72,10 @@ def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfi
         loss.backward()
         optimizer.step()
         schedule.step()
-        if on_epoch is not None and (step + 1) * config.batch_size // len(items) > step * config.batch_size // len(items):
+        epoch = (step + 1) * config.batch_size // len(items)  # full passes over the data so far
+        if on_epoch is not None and epoch > step * config.batch_size // len(items):
             model.eval()
-            on_epoch((step + 1) * config.batch_size // len(items), model)
+            on_epoch(epoch, model)
             model.train()
     model.eval()
     loaded.model = model

@@ -123,3 +123,14 @@ def test_target_restricted_loss(tiny, toy_data):
     got = computer.gradients([item], [w])[0]
     assert relative_error(got, brute_force(tiny, computer, item, w)) < 1e-10
     assert relative_error(got, computer.gradients([item])[0]) > 1e-3  # differs from the whole-response loss
+
+
+def test_finetune_reports_each_finished_epoch(tiny, toy_data):
+    """on_epoch fires once per full pass, with the model in eval mode, for the multi-checkpoint TracIn sum."""
+    from rapidin.finetune import FinetuneConfig, finetune
+
+    examples, _ = load_examples(toy_data)
+    seen = []
+    finetune(tiny, examples[:24], FinetuneConfig(epochs=3, batch_size=8, max_length=64), progress=False,
+             on_epoch=lambda epoch, model: seen.append((epoch, model.training)))
+    assert seen == [(1, False), (2, False), (3, False)]
