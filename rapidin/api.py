@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .retrieval import QueryGroup, ScanResult, scan
 from .sketch import RapidGrad, make_spec
 from .store import CacheStore, Manifest, ShardInfo, compute_cache_id, find_caches
 
+log = logging.getLogger("rapidin")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -32,6 +34,7 @@ class CachePlan:
     manifest: Manifest
     examples: list[Example]
     items: list[Tokenized | None]  # None = bad row, skipped
+    notice: str | None = None  # set when the stored plan overrides this request's shard_rows / batch_size
 
 
 def plan_cache(
@@ -58,14 +61,20 @@ def plan_cache(
         stats={"truncated": sum(1 for it in items if it is not None and it.truncated),
                "skipped": sum(1 for it in items if it is None)},
     )
-    if store.exists("manifest.json"):
-        existing = store.read_manifest()
-        manifest = existing if existing.complete else manifest.model_copy(update={"created_at": existing.created_at})
-    else:
-        store.write_manifest(manifest)
+    stored = store.create_manifest(manifest)
     if not store.exists("examples.parquet"):
         store.write_table("examples.parquet", _examples_table(examples, items))
-    return CachePlan(store, manifest, examples, items)
+    return CachePlan(store, stored, examples, items, _plan_notice(stored, manifest))
+
+
+def _plan_notice(stored: Manifest, requested: Manifest) -> str | None:
+    """One line when the cache's stored plan differs from the request (the stored plan is kept)."""
+    keep = {"shard_rows": stored.shard_rows, "batch_size": stored.gradient.batch_size}
+    asked = {"shard_rows": requested.shard_rows, "batch_size": requested.gradient.batch_size}
+    if keep == asked or stored.complete:
+        return None
+    diff = ", ".join(f"{k}={keep[k]} (not {asked[k]})" for k in keep if keep[k] != asked[k])
+    return f"cache {stored.cache_id} was started with {diff}: resuming with its stored plan, so its bytes match an uninterrupted build"
 
 
 def _tokenize_row(loaded: LoadedModel, url: str, ex: Example, max_length: int, skip: bool) -> Tokenized | None:
@@ -102,11 +111,12 @@ def build_shards(
     with tqdm(total=sum(_rows(manifest, i) for i in todo), desc="caching gradients", unit="ex",
               disable=not progress) as bar:
         for index in todo:
-            info = plan.store.committed_shard(index)
+            info = plan.store.committed_shard(index, manifest.shard_range(index))
             if info is None:
-                info = _build_shard(plan, computer, sketch, dtype, index)
+                info = _build_shard(plan, computer, sketch, dtype, index, bar.update)
+            else:
+                bar.update(_rows(manifest, index))
             done.append(info)
-            bar.update(_rows(manifest, index))
             if on_shard:
                 on_shard(info, len(done), len(todo))
     return done
@@ -117,9 +127,11 @@ def _rows(manifest: Manifest, index: int) -> int:
     return stop - start
 
 
-def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: RapidGrad, dtype: torch.dtype, index: int) -> ShardInfo:
+def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: RapidGrad, dtype: torch.dtype, index: int,
+                 advance: Callable[[int], object]) -> ShardInfo:
     start, stop = plan.manifest.shard_range(index)
     rows = [r for r in range(start, stop) if plan.items[r] is not None]
+    advance(stop - start - len(rows))  # skipped rows count as done
     seconds = {"gradients": 0.0, "sketch": 0.0, "write": 0.0}
     parts = []
     batch = computer.config.batch_size
@@ -131,6 +143,7 @@ def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: RapidGrad,
         parts.append((sketch(grads).to(dtype) + 0.0).cpu())
         seconds["gradients"] += t1 - t0
         seconds["sketch"] += time.perf_counter() - t1
+        advance(len(rows[b : b + batch]))
     k = plan.manifest.sketch.config.k
     vectors = torch.cat(parts) if parts else torch.zeros(0, k, dtype=dtype)
     t2 = time.perf_counter()
@@ -139,25 +152,45 @@ def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: RapidGrad,
 
 
 def finalize_cache(plan: CachePlan, extra_timings: dict[str, float] | None = None) -> Manifest:
-    """Mark the cache complete once every shard is committed; refuses if one is missing."""
+    """Mark the cache complete once every shard of the stored plan is committed with its planned rows; refuses
+    if one is missing or the committed rows are not exactly 0..N-1 once each."""
+    stored = plan.store.read_manifest()
+    if stored.complete:
+        plan.manifest = stored
+        return stored
     shards = []
-    for index in range(plan.manifest.num_shards):
-        info = plan.store.committed_shard(index, verify=False)
+    for index in range(stored.num_shards):
+        info = plan.store.committed_shard(index, stored.shard_range(index), verify=False)
         if info is None:
-            raise CacheError(f"{plan.store.url}: shard {index} is not committed yet; rerun the cache build to resume")
+            raise CacheError(f"{plan.store.url}: shard {index} (rows {stored.shard_range(index)}) is not committed "
+                             "yet; rerun the cache build to resume")
         shards.append(info)
+    _check_coverage(plan.store.url, stored, shards)
     timings = {key: sum(s.seconds.get(key, 0.0) for s in shards) for key in ("gradients", "sketch", "write")}
     timings.update(extra_timings or {})
-    manifest = plan.manifest.model_copy(update={"complete": True, "shards": shards, "timings": timings})
+    manifest = stored.model_copy(update={"complete": True, "shards": shards, "timings": timings})
     plan.store.write_manifest(manifest)
     plan.manifest = manifest
     return manifest
+
+
+def _check_coverage(url: str, manifest: Manifest, shards: list[ShardInfo]) -> None:
+    """The shards' row ranges tile 0..N-1 and hold every row that was not skipped."""
+    edges = [(s.start, s.stop) for s in shards]
+    starts_at_previous_stop = [a for a, _ in edges] == [0, *[b for _, b in edges[:-1]]]
+    if not starts_at_previous_stop or any(b <= a for a, b in edges) or (edges[-1][1] if edges else 0) != manifest.num_rows:
+        raise CacheError(f"{url}: committed shards cover rows {edges}, not 0..{manifest.num_rows - 1} once each")
+    expected = manifest.num_rows - manifest.stats.get("skipped", 0)
+    if sum(s.rows for s in shards) != expected:
+        raise CacheError(f"{url}: committed shards hold {sum(s.rows for s in shards)} rows, expected {expected}")
 
 
 def build_cache(loaded: LoadedModel, data_url: str, store_root: str, progress: bool = True, **options) -> Manifest:
     """plan_cache + build_shards + finalize_cache; a rerun skips intact shards and rebuilds corrupted ones."""
     t0 = time.perf_counter()
     plan = plan_cache(loaded, data_url, store_root, **options)
+    if plan.notice:
+        log.warning(plan.notice)
     build_shards(plan, loaded, progress=progress)
     return finalize_cache(plan, {"total": time.perf_counter() - t0})
 
@@ -209,18 +242,19 @@ class AttributeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    top_k: int = Field(20, ge=1, description="Rows kept per list.")
+    top_k: int = Field(20, ge=1, le=100_000, description="Rows kept per list.")
     token_wise: bool = Field(False, description="Also score each generated token and each top row's tokens.")
-    train_token_rows: int = Field(5, ge=0, description="Top helpful/harmful rows whose own tokens get scored.")
+    train_token_rows: int = Field(5, ge=0, le=1000, description="Top rows of each list whose own tokens get scored "
+                                  "(token-wise mode).")
     target: tuple[str, ...] = Field((), description="Restrict the generation's loss to these words (RapidIn-TW).")
     auto_target: int = Field(
-        DEFAULT_AUTO_TARGET, ge=0,
+        DEFAULT_AUTO_TARGET, ge=0, le=2**16,
         description="RapidIn-TW without knowing the answer: restrict the generation's loss to N automatically "
         "chosen response tokens (0 = the whole generation, as in the paper). With an adapter: the N tokens whose "
         "log-probability the fine-tune raised most (adapter on vs off); without one: the N tokens with the largest "
         "per-token loss-gradient norm. Off when `target` words are given.",
     )
-    max_new_tokens: int = Field(64, ge=1, description="Tokens to generate when no response is given.")
+    max_new_tokens: int = Field(64, ge=1, le=2**16, description="Tokens to generate when no response is given.")
     verify: bool = Field(True, description="Check shard checksums while scanning.")
 
     @model_validator(mode="before")
@@ -333,13 +367,13 @@ def attribute(
     """Rank the cache's training rows for each generation (and tokens, when token_wise)."""
     t0 = time.perf_counter()
     store, manifest = open_cache(loaded, store_root, cache_url, storage_options=storage_options)
-    prepared = prepare_queries(loaded, manifest, generations, config)
+    prepared = prepare_queries(loaded, manifest, generations, config, progress)
     t1 = time.perf_counter()
     shards = (sv for _, *sv in store.iter_shards(manifest.shards, config.verify))
     shards = tqdm(shards, total=len(manifest.shards), desc="scanning cache", unit="shard", disable=not progress)
     result = scan(shards, [p.group for p in prepared], config.top_k, loaded.device, keep_all_scores)
     t2 = time.perf_counter()
-    attribution = assemble(loaded, store, manifest, prepared, result, config)
+    attribution = assemble(loaded, store, manifest, prepared, result, config, progress)
     attribution.timings = {"queries": t1 - t0, "scan": t2 - t1, "assemble": time.perf_counter() - t2,
                            "total": time.perf_counter() - t0}
     return (attribution, result) if keep_all_scores else attribution
@@ -357,40 +391,50 @@ class PreparedQuery:
 
 
 def prepare_queries(
-    loaded: LoadedModel, manifest: Manifest, generations: Sequence[Generation], config: AttributeConfig
+    loaded: LoadedModel, manifest: Manifest, generations: Sequence[Generation], config: AttributeConfig,
+    progress: bool = False,
 ) -> list[PreparedQuery]:
     """Template, generate if needed, tokenize, and sketch each generation's query gradient(s)."""
     computer = GradientComputer(loaded, manifest.gradient)
     sketch = RapidGrad(manifest.sketch, loaded.device)
     prepared = []
-    for gen in generations:
-        prompt = gen.prompt if gen.raw_prompt else format_prompt(loaded, gen.prompt, manifest.dataset["format"])
-        response = gen.response if gen.response is not None else generate(loaded, prompt, config.max_new_tokens)
-        item = tokenize(loaded.tokenizer, prompt, response, manifest.gradient.max_length)
-        if len(item.input_ids) <= item.prompt_len:
-            raise DataError(f"generation '{gen.prompt[:40]}': no response tokens within max_length {manifest.gradient.max_length}")
-        targets = target_positions(loaded, item, config.target) if config.target else None
-        if targets is not None and not targets:
-            raise DataError(f"--target {list(config.target)}: none of these words occurs in the response {response[:80]!r}")
-        if config.auto_target:
-            targets, _ = auto_target_positions(loaded, item, config.auto_target, manifest.gradient)
-        weights = None
-        if targets:
-            w = torch.zeros(len(item.input_ids))
-            w[targets] = 1.0
-            weights = [w]
-        whole = sketch(computer.gradients([item], weights))[0]
-        tokens = None
-        if config.token_wise:
-            positions = list(range(item.prompt_len, len(item.input_ids)))
-            tokens = sketch(computer.token_gradients(item, positions))
-        prepared.append(PreparedQuery(gen, response, item, QueryGroup(whole, tokens), targets))
+    # `with`: an error closes the bar first, so the one-line error starts on a line of its own
+    with tqdm(desc="query gradients", unit="grad", disable=not progress, total=len(generations)) as bar:
+        for gen in generations:
+            prompt = gen.prompt if gen.raw_prompt else format_prompt(loaded, gen.prompt, manifest.dataset["format"])
+            response = gen.response if gen.response is not None else generate(loaded, prompt, config.max_new_tokens)
+            item = tokenize(loaded.tokenizer, prompt, response, manifest.gradient.max_length)
+            if len(item.input_ids) <= item.prompt_len:
+                raise DataError(f"generation '{gen.prompt[:40]}': no response tokens within max_length {manifest.gradient.max_length}")
+            targets = target_positions(loaded, item, config.target) if config.target else None
+            if targets is not None and not targets:
+                raise DataError(f"--target {list(config.target)}: none of these words occurs in the response {response[:80]!r}")
+            if targets:
+                missing = [w for w in config.target if not target_positions(loaded, item, [w])]
+                if missing:
+                    log.warning("--target %s: not in the response %r; scoring the other target words only",
+                                missing, response[:80])
+            if config.auto_target:
+                targets, _ = auto_target_positions(loaded, item, config.auto_target, manifest.gradient)
+            weights = None
+            if targets:
+                w = torch.zeros(len(item.input_ids))
+                w[targets] = 1.0
+                weights = [w]
+            whole = sketch(computer.gradients([item], weights))[0]
+            bar.update(1)
+            tokens = None
+            if config.token_wise:
+                positions = list(range(item.prompt_len, len(item.input_ids)))
+                bar.total += len(positions)
+                tokens = sketch(computer.token_gradients(item, positions, bar.update))
+            prepared.append(PreparedQuery(gen, response, item, QueryGroup(whole, tokens), targets))
     return prepared
 
 
 def assemble(
     loaded: LoadedModel, store: CacheStore, manifest: Manifest, prepared: list[PreparedQuery], result: ScanResult,
-    config: AttributeConfig,
+    config: AttributeConfig, progress: bool = False,
 ) -> Attribution:
     """Turn scan results into the typed Attribution, adding texts and per-training-token scores."""
     table = {r["row"]: r for r in store.read_table("examples.parquet")}
@@ -402,7 +446,7 @@ def assemble(
     for p, whole, per_token in zip(prepared, result.whole, result.tokens, strict=True):
         lists = {kind: _hits(top, table, column=0) for kind, top in whole.items()}
         if score_tokens:
-            _score_train_tokens(computer, sketch, manifest, p, lists, table, config.train_token_rows)
+            _score_train_tokens(computer, sketch, manifest, p, lists, table, config.train_token_rows, progress)
         tokens = [tok.decode([i]) for i in p.item.input_ids[p.item.prompt_len:]]
         token_hits = None
         if per_token is not None:
@@ -429,15 +473,19 @@ def _hits(top, table: dict, column: int) -> list[Hit]:
 
 
 def _score_train_tokens(computer: GradientComputer, sketch: RapidGrad, manifest: Manifest, p: PreparedQuery,
-                        lists: dict[str, list[Hit]], table: dict, n_rows: int) -> None:
-    """I(t, z_i): each response token of the top rows against the whole generation (same sketch)."""
+                        lists: dict[str, list[Hit]], table: dict, n_rows: int, progress: bool) -> None:
+    """I(t, z_i): each response token of the top rows of every list against the whole generation (same sketch);
+    a row in several lists is scored once."""
     loaded = computer.loaded
     query = p.group.whole.to(loaded.device, torch.float32)
-    for kind in ("helpful", "harmful"):
-        for hit in lists[kind][:n_rows]:
+    hits = [hit for kind in ("influential", "helpful", "harmful") for hit in lists[kind][:n_rows]]
+    scored: dict[int, tuple[list[str], list[float]]] = {}
+    for hit in tqdm(hits, desc="training-token scores", unit="row", disable=not progress):
+        if hit.row not in scored:
             info = table[hit.row]
             item = tokenize(loaded.tokenizer, info["prompt"], info["response"], manifest.gradient.max_length)
             positions = list(range(item.prompt_len, len(item.input_ids)))
             vectors = sketch(computer.token_gradients(item, positions)).to(_DTYPES[manifest.sketch.config.dtype])
-            hit.train_tokens = [loaded.tokenizer.decode([i]) for i in item.input_ids[item.prompt_len:]]
-            hit.train_token_scores = (vectors.float() @ query).tolist()
+            scored[hit.row] = ([loaded.tokenizer.decode([i]) for i in item.input_ids[item.prompt_len:]],
+                               (vectors.float() @ query).tolist())
+        hit.train_tokens, hit.train_token_scores = scored[hit.row]

@@ -25,6 +25,7 @@ from safetensors.torch import save as st_save
 from .config import GradientConfig
 from .errors import CacheError, StorageError
 from .sketch import RapidGradSpec
+from .urls import check_url
 
 SCHEMA_VERSION = 2  # 2: GradientConfig.adapter_tensors (a v1 manifest does not say which adapter tensors)
 
@@ -104,7 +105,7 @@ class CacheStore:
     """One cache directory on an fsspec filesystem."""
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url, "store", StorageError).rstrip("/")
         try:
             self.fs, self.path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         except (ImportError, ValueError) as exc:
@@ -186,6 +187,30 @@ class CacheStore:
         """Write the manifest atomically."""
         self.write_bytes("manifest.json", manifest.model_dump_json(indent=2).encode())
 
+    def create_manifest(self, draft: Manifest) -> Manifest:
+        """Write the draft unless a manifest exists; return the stored one. The first plan of a cache wins, so a
+        resumed or concurrent build can never mix two shard layouts."""
+        if self.exists("manifest.json"):
+            return self.read_manifest()
+        data = draft.model_dump_json(indent=2).encode()
+        if self._local:  # exclusive create: link a complete temp file to the name, which fails if it exists
+            path = self._p("manifest.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        else:  # object stores: a PUT is atomic but not exclusive; whoever wrote last wins and all re-read it
+            self.write_bytes("manifest.json", data)
+        return self.read_manifest()
+
     @staticmethod
     def shard_name(index: int) -> str:
         """Relative path of a shard file."""
@@ -203,12 +228,18 @@ class CacheStore:
         self.write_bytes(name.replace(".safetensors", ".json"), info.model_dump_json().encode())
         return info
 
-    def committed_shard(self, index: int, verify: bool = True) -> ShardInfo | None:
-        """The commit record of a shard if it exists and (optionally) its file matches the checksum."""
+    def committed_shard(self, index: int, expected: tuple[int, int], verify: bool = True) -> ShardInfo | None:
+        """The commit record of a shard if it exists, covers the `expected` [start, stop) rows of the manifest's
+        plan, and (optionally) its file matches the checksum; else None (the shard must be built)."""
         record = self.shard_name(index).replace(".safetensors", ".json")
         if not self.exists(record):
             return None
-        info = ShardInfo.model_validate_json(self.read_bytes(record))
+        try:
+            info = ShardInfo.model_validate_json(self.read_bytes(record))
+        except ValueError:
+            return None  # a torn or foreign record: rebuilding the shard rewrites it
+        if (info.index, info.start, info.stop) != (index, *expected):
+            return None
         if verify:
             try:
                 data = self.read_bytes(info.file)
@@ -260,7 +291,7 @@ def _protocols(fs: Any) -> set[str]:
 
 def find_caches(root: str, model: str, version: str, storage_options: dict | None = None) -> list[str]:
     """URLs of the caches (with a manifest) of one model version under a store root."""
-    base = f"{root.rstrip('/')}/{model}/{version}"
+    base = f"{check_url(root, 'store', StorageError).rstrip('/')}/{model}/{version}"
     try:
         fs, path = fsspec.core.url_to_fs(base, **(storage_options or {}))
         if not fs.exists(path):

@@ -55,6 +55,7 @@ class PlanInfo(BaseModel):
     manifest: Manifest
     load_seconds: float
     seconds: float
+    notice: str | None = None
 
 
 @task(name="plan-cache", **IO_RETRIES, cache_policy=NO_CACHE)
@@ -62,8 +63,10 @@ def plan_cache_task(job: CacheJob) -> PlanInfo:
     """Write the manifest draft and examples table (idempotent); returns where the cache lives."""
     t0 = time.perf_counter()
     plan, _, load_seconds = plan_job(job)
+    if plan.notice:
+        get_run_logger().warning(plan.notice)
     return PlanInfo(cache_url=plan.store.url, manifest=plan.manifest, load_seconds=load_seconds,
-                    seconds=time.perf_counter() - t0 - load_seconds)
+                    seconds=time.perf_counter() - t0 - load_seconds, notice=plan.notice)
 
 
 def build_group(group: ShardGroup, on_progress=None) -> GroupReport:
@@ -71,9 +74,13 @@ def build_group(group: ShardGroup, on_progress=None) -> GroupReport:
     t0 = time.perf_counter()
     plan, loaded, load_seconds = plan_job(group.job)
 
+    rows = {"done": 0, "total": sum(plan.manifest.shard_range(i)[1] - plan.manifest.shard_range(i)[0]
+                                    for i in group.shards)}
+
     def on_shard(info, done: int, total: int) -> None:
+        rows["done"] += info.stop - info.start
         if on_progress:
-            on_progress(done, total)
+            on_progress(done, total, rows["done"], rows["total"])
         maybe_fail("cache-shard", done)
 
     infos = build_shards(plan, loaded, indices=group.shards, progress=False, on_shard=on_shard)
@@ -90,13 +97,17 @@ def cache_shard_group(group: ShardGroup, progress_artifact: str | None = None, o
                       total: int = 0) -> GroupReport:
     """Compute, sketch and commit a group of shards; a retry resumes after the last committed shard."""
     logger = get_run_logger()
-    update = None
-    if progress_artifact:
-        from uuid import UUID
+    started = time.perf_counter()
 
-        from prefect.artifacts import update_progress_artifact
+    def update(done: int, n: int, rows: int, rows_total: int) -> None:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        logger.info("group %d: %d/%d shards, %d/%d rows, %.1f rows/s, ETA %.0f s", group.group, done, n, rows,
+                    rows_total, rows / elapsed, elapsed / max(rows, 1) * (rows_total - rows))
+        if progress_artifact:
+            from uuid import UUID
 
-        def update(done: int, _n: int) -> None:
+            from prefect.artifacts import update_progress_artifact
+
             update_progress_artifact(UUID(progress_artifact), 100.0 * (offset + done) / max(total, 1))
     report = build_group(group, update)
     logger.info("group %d: shards %s, %d rows in %.1fs", group.group, group.shards, report.rows, report.seconds)
