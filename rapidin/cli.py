@@ -4,76 +4,75 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import typing
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from .cli_options import OneLineParser, add_model_options, build, describe, fail, given
 from .errors import RapidInError
+from .urls import check_url
 
 EPILOG = "Settings come from RAPIDIN_* environment variables or .env (see README); S3 keys are never printed."
 
 
+MODEL_FLAGS = {"path": "model", "version": "model_version", "dtype": "model_dtype"}
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
+    from .models import ModelRef
+
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="HF model directory, .gguf file, or fsspec URL (s3://...) of either")
-    g.add_argument("--adapter", help="PEFT/LoRA adapter directory or URL applied on top of --model")
-    g.add_argument("--name", help="model name in the store (default: from the path)")
-    g.add_argument("--model-version", help="model version in the store (default: weight fingerprint prefix)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    g.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the model weights on the device (gradients are accumulated in fp32)")
-    g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
+    g.add_argument("--model", dest="path", required=True,  # ModelRef.path
+                   help=ModelRef.model_fields["path"].description)
+    add_model_options(g, ModelRef, skip=("path",), rename=MODEL_FLAGS)
+    g.add_argument("--device", help="auto (cuda if available), cpu, cuda or cuda:N (default: RAPIDIN_DEVICE, else auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="rapidin", description="RapidIn: find the training data behind an LLM generation.",
-                                     epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The argument parser with every subcommand; algorithm options come from the config models."""
+    from .api import AttributeConfig
+    from .config import BuildConfig, GradientConfig, SketchConfig
+    from .data import DataFormat
+
+    parser = OneLineParser(prog="rapidin", description="RapidIn: find the training data behind an LLM generation.",
+                           epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     c = sub.add_parser("cache", help="compute and store compressed per-example gradients of a training set",
                        description="Cache RapidGrad-compressed, layer-normalised per-example gradients. "
-                       "Resumable: a rerun skips committed shards.", epilog=EPILOG)
+                       "Resumable: a rerun skips committed shards and keeps the plan the cache was started with.",
+                       epilog=EPILOG)
     _model_args(c)
-    c.add_argument("--data", required=True, help="training data: .jsonl/.json/.parquet/.csv path or URL")
-    c.add_argument("--format", default="auto", choices=["auto", "alpaca", "prompt_response", "chat"], help="row format")
-    c.add_argument("--store", help="store root URL (default: RAPIDIN_STORE_URL)")
-    c.add_argument("--k", type=int, default=None, help="compressed dimension K (default 2^16)")
-    c.add_argument("--lam", type=int, default=None, help="RapidGrad shuffle rounds λ (default 20)")
-    c.add_argument("--seed", type=int, default=0, help="sketch seed")
-    c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="stored vector dtype")
-    c.add_argument("--params", nargs="*", default=[], help="regexes of attributed parameter names "
-                   "(default: the adapter tensors chosen by --adapter-tensors if --adapter, else every Linear weight)")
-    c.add_argument("--adapter-tensors", choices=["mlp_b", "b", "all"], default=None,
-                   help="with --adapter and no --params: 'mlp_b' (default) the LoRA B matrices of the MLP layers, "
-                   "the measured best at finding the rows behind a behaviour; 'b' every LoRA B; 'all' every LoRA "
-                   "tensor, as in the paper")
-    c.add_argument("--paper", action="store_true", help="the RapidIn paper's tensor choice (--adapter-tensors all)")
-    c.add_argument("--max-length", type=int, default=512, help="tokens per example; longer rows are truncated")
-    c.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward pass")
-    c.add_argument("--shard-rows", type=int, default=1024, help="rows per shard (unit of commit and resume)")
-    c.add_argument("--skip-bad-rows", action="store_true", help="skip rows with no response tokens instead of failing")
+    d = c.add_argument_group("data and store")
+    d.add_argument("--data", required=True, help="training data: .jsonl/.json/.parquet/.csv path or URL")
+    d.add_argument("--format", default="auto", choices=list(typing.get_args(DataFormat)), help="row format (default: auto)")
+    d.add_argument("--store", help="store root URL (default: RAPIDIN_STORE_URL)")
+    add_model_options(d, BuildConfig)
+    add_model_options(c.add_argument_group("sketch (RapidGrad)"), SketchConfig)
+    g = c.add_argument_group("gradients")
+    add_model_options(g, GradientConfig)
+    g.add_argument("--paper", action="store_true", help="the RapidIn paper's tensor choice (--adapter-tensors all)")
 
     a = sub.add_parser("attribute", help="rank training rows by influence on a generation",
-                       description="Score every cached training row for a generation; prints top-k helpful, "
-                       "harmful and most influential rows.", epilog=EPILOG)
+                       description="Score every cached training row for a generation; prints top-k most influential, "
+                       "helpful and harmful rows.", epilog=EPILOG)
     _model_args(a)
-    a.add_argument("--store", help="store root URL (default: RAPIDIN_STORE_URL); the cache is found by model")
-    a.add_argument("--cache", help="URL of one cache directory (instead of --store)")
-    a.add_argument("--prompt", required=True, action="append", help="user prompt (repeat for several generations)")
-    a.add_argument("--response", action="append", help="the response to attribute (default: generate greedily)")
-    a.add_argument("--raw-prompt", action="store_true", help="do not apply the training data's prompt template")
-    a.add_argument("--top-k", type=int, default=20, help="rows per list")
-    a.add_argument("--token-wise", action="store_true", help="also score each generated token and top rows' tokens")
-    a.add_argument("--target", nargs="*", default=[], help="restrict the generation's loss to these words (RapidIn-TW)")
-    a.add_argument("--auto-target", type=int, default=None, metavar="N",
-                   help="restrict the loss to N automatically chosen tokens (default 4; 0 = whole generation): with an "
-                   "adapter, those whose log-prob the fine-tune raised most; else those with the largest gradient norm "
-                   "(RapidIn-TW without knowing the answer; the measured best, benchmarks/README_quality.md)")
-    a.add_argument("--paper", action="store_true",
+    q = a.add_argument_group("generations and cache")
+    q.add_argument("--store", help="store root URL (default: RAPIDIN_STORE_URL); the cache is found by model")
+    q.add_argument("--cache", help="URL of one cache directory (instead of --store)")
+    q.add_argument("--prompt", required=True, action="append", help="user prompt (repeat for several generations)")
+    q.add_argument("--response", action="append", help="the response to attribute (default: generate greedily)")
+    q.add_argument("--raw-prompt", action="store_true", help="do not apply the training data's prompt template")
+    r = a.add_argument_group("scoring")
+    add_model_options(r, AttributeConfig)
+    r.add_argument("--paper", action="store_true",
                    help="the RapidIn paper's scoring: the whole generation's loss (same as --auto-target 0)")
-    a.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate when no --response is given")
-    a.add_argument("--out", help="write the result JSON here (and .parquet beside it)")
-    a.add_argument("--open", action="store_true", help="also write an HTML report beside --out and print its path")
+    o = a.add_argument_group("output")
+    o.add_argument("--out", help="write the result JSON here (and .parquet beside it)")
+    o.add_argument("--open", action="store_true", help="also write an HTML report beside --out and print its path")
 
     i = sub.add_parser("inspect", help="show a cache's manifest and verify its shards")
     i.add_argument("cache_url", help="URL of a cache directory")
@@ -92,51 +91,98 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="tiny model + backdoored data: fine-tune, cache, attribute, score")
     d.add_argument("--workdir", default=".rapidin/demo", help="where the demo writes model, data and cache")
-    d.add_argument("--rows", type=int, default=240, help="training rows")
-    d.add_argument("--k", type=int, default=2**16, help="compressed dimension K")
-    d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    d.add_argument("--rows", type=_positive, default=240, help="training rows (default: 240)")
+    d.add_argument("--k", type=_positive, default=4096, help="compressed dimension K (default: 4096, fits the tiny model)")
+    d.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: RAPIDIN_DEVICE, else auto)")
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one-line errors, non-zero exit codes."""
+    """Entry point: one-line errors, exit status 2, never a traceback for a user's mistake."""
     args = build_parser().parse_args(argv)
+    prog = f"rapidin {args.command}"
+    _quiet_dependencies(prog)
     try:
         return {"cache": cmd_cache, "attribute": cmd_attribute, "inspect": cmd_inspect, "report": cmd_report,
                 "compare": cmd_compare, "demo": cmd_demo}[args.command](args)
     except RapidInError as exc:
-        print(f"rapidin {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(prog, str(exc))
+    except ValidationError as exc:  # settings from the environment (.env, RAPIDIN_*)
+        return fail(prog, describe(exc, MODEL_FLAGS))
+    except BrokenPipeError:  # `rapidin inspect ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
-        print(f"rapidin {args.command}: interrupted (committed shards are kept; rerun to resume)", file=sys.stderr)
+        print(f"{prog}: interrupted (committed shards are kept; rerun to resume)", file=sys.stderr)
         return 130
 
 
-def _load(args: argparse.Namespace):
-    from .models import ModelRef, load_model
+def _quiet_dependencies(prog: str) -> None:
+    """Users see the project's messages (one line each), not its dependencies' load bars and deprecations."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: note: %(message)s"))
+    logger = logging.getLogger("rapidin")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _settings():
     from .settings import Settings
 
-    settings = Settings()
-    ref = ModelRef(path=args.model, adapter=args.adapter, name=args.name, version=args.model_version,
-                   dtype=args.model_dtype, trust_remote_code=args.trust_remote_code)
-    loaded = load_model(ref, args.device, settings.storage_options(args.model), settings.model_cache_dir)
-    return settings, loaded
+    return Settings()
+
+
+def _model_ref(args: argparse.Namespace):
+    """The model options, validated before anything is loaded or written."""
+    from .models import ModelRef
+
+    check_url(args.path, "--model", RapidInError)
+    if getattr(args, "adapter", None):
+        check_url(args.adapter, "--adapter", RapidInError)
+    return build(ModelRef, {"path": args.path} | given(args, ModelRef, ("path",), MODEL_FLAGS), MODEL_FLAGS)
+
+
+def _load(args: argparse.Namespace, ref, settings):
+    from transformers.utils import logging as hf_logging
+
+    from .models import load_model
+
+    hf_logging.disable_progress_bar()  # the project's own bars only
+    hf_logging.set_verbosity_error()
+    return load_model(ref, args.device or settings.device, settings.storage_options(ref.path), settings.model_cache_dir)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """rapidin cache."""
     from .api import build_cache
-    from .config import GradientConfig, SketchConfig
+    from .config import BuildConfig, GradientConfig, SketchConfig
 
-    settings, loaded = _load(args)
-    store = args.store or settings.store_url
+    settings = _settings()
+    store = check_url(args.store or settings.store_url, "--store", RapidInError)
+    check_url(args.data, "--data", RapidInError)
+    sketch = build(SketchConfig, {"k": settings.k, "lam": settings.lam} | given(args, SketchConfig))
+    gradient = build(GradientConfig, given(args, GradientConfig) | _adapter_tensors(args))
+    layout = build(BuildConfig, given(args, BuildConfig))
+    loaded = _load(args, _model_ref(args), settings)
     manifest = build_cache(
-        loaded, args.data, store, fmt=args.format, shard_rows=args.shard_rows, skip_bad_rows=args.skip_bad_rows,
-        sketch=SketchConfig(k=args.k or settings.k, lam=settings.lam if args.lam is None else args.lam,
-                            seed=args.seed, dtype=args.dtype),
-        gradient=GradientConfig(params=tuple(args.params), max_length=args.max_length, batch_size=args.batch_size,
-                                **_adapter_tensors(args)),
-        storage_options=settings.storage_options(store), data_storage_options=settings.storage_options(args.data),
+        loaded, args.data, store, fmt=args.format, shard_rows=layout.shard_rows, skip_bad_rows=layout.skip_bad_rows,
+        sketch=sketch, gradient=gradient, storage_options=settings.storage_options(store),
+        data_storage_options=settings.storage_options(args.data),
     )
     url = f"{store.rstrip('/')}/{manifest.model['name']}/{manifest.model['version']}/{manifest.cache_id}"
     spec = manifest.sketch
@@ -148,10 +194,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _adapter_tensors(args: argparse.Namespace) -> dict:
-    if args.paper and args.adapter_tensors not in (None, "all"):
-        raise RapidInError(f"--paper attributes every adapter tensor: it contradicts --adapter-tensors {args.adapter_tensors}")
-    choice = "all" if args.paper else args.adapter_tensors
-    return {} if choice is None else {"adapter_tensors": choice}
+    chosen = getattr(args, "adapter_tensors", None)
+    if args.paper and chosen not in (None, "all"):
+        raise RapidInError(f"--paper attributes every adapter tensor: it contradicts --adapter-tensors {chosen}")
+    return {"adapter_tensors": "all"} if args.paper else {}
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -161,19 +207,19 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     responses = args.response or []
     if responses and len(responses) != len(args.prompt):
         raise RapidInError(f"--response given {len(responses)} times for {len(args.prompt)} --prompt values")
-    try:
-        if args.paper and args.auto_target:
-            raise ValueError("--paper scores the whole generation: it cannot be combined with --auto-target")
-        chosen = {"auto_target": 0} if args.paper else {}
-        if args.auto_target is not None:
-            chosen["auto_target"] = args.auto_target
-        config = AttributeConfig(top_k=args.top_k, token_wise=args.token_wise, target=tuple(args.target),
-                                 max_new_tokens=args.max_new_tokens, **chosen)
-    except ValueError as exc:
-        detail = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
-        raise RapidInError(f"options: {detail.removeprefix('Value error, ')}") from None
-    settings, loaded = _load(args)
-    store = None if args.cache else (args.store or settings.store_url)
+    if args.open and not args.out:
+        raise RapidInError("--open needs --out (the report is written beside the result)")
+    options = given(args, AttributeConfig)
+    if args.paper:
+        if options.get("auto_target"):
+            raise RapidInError("--paper scores the whole generation: it cannot be combined with --auto-target")
+        options["auto_target"] = 0
+    config = build(AttributeConfig, options)
+    settings = _settings()
+    store = None if args.cache else check_url(args.store or settings.store_url, "--store", RapidInError)
+    if args.cache:
+        check_url(args.cache, "--cache", RapidInError)
+    loaded = _load(args, _model_ref(args), settings)
     gens = [Generation(prompt=p, response=responses[i] if responses else None, raw_prompt=args.raw_prompt)
             for i, p in enumerate(args.prompt)]
     result = attribute(loaded, gens, store_root=store, cache_url=args.cache, config=config,
@@ -187,8 +233,6 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         print(f"result: {out} and {out.with_suffix('.parquet')}")
         if args.open:
             print(f"report: {_write_report(result, out.with_suffix('.html'))}")
-    elif args.open:
-        raise RapidInError("--open needs --out (the report is written beside the result)")
     return 0
 
 
@@ -234,8 +278,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  stats    {m.stats}; timings {json.dumps({k: round(v, 2) for k, v in m.timings.items()})}")
     bad = 0
     for index in range(m.num_shards):
-        info = store.committed_shard(index, verify=False)
-        ok = info is not None and (args.no_verify or store.committed_shard(index) is not None)
+        expected = m.shard_range(index)
+        info = store.committed_shard(index, expected, verify=False)
+        ok = info is not None and (args.no_verify or store.committed_shard(index, expected) is not None)
         state = "missing" if info is None else ("ok" if ok else "CORRUPTED")
         bad += state != "ok"
         print(f"  shard {index:>6} rows {m.shard_range(index)} {state}")
@@ -276,14 +321,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """rapidin demo."""
     from .demo import mean_metrics, run_demo
+    from .metrics import TOP_LIST_METRICS
 
-    demo = run_demo(args.workdir, rows=args.rows, k=args.k, device=args.device)
+    demo = run_demo(args.workdir, rows=args.rows, k=args.k, device=args.device or _settings().device)
     print(f"\nTiny Llama fine-tuned on {len(demo.poisoned)} rows, {sum(demo.poisoned)} of them poisoned "
           f"(trigger 'howdy!' -> science-fiction answer).")
     _print_attribution(demo.attribution, demo.poisoned)
     means = mean_metrics(demo.metrics)
-    print("\nbackdoor retrieval (protocol of shared/data/howdy/README.md), mean over generations:")
-    print("  " + "  ".join(f"{k}={v:.3f}" for k, v in means.items()))
+    print("\nfinding the poisoned rows, mean over generations: " + "  ".join(f"{k}={v:.3f}" for k, v in means.items()))
+    print(f"  ({TOP_LIST_METRICS})")
     print(f"timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in demo.timings.items()))
     print(f"inspect the cache with: rapidin inspect {demo.attribution.cache_url}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 SketchMethod = Literal["rapidgrad"]
 StorageDtype = Literal["float16", "bfloat16", "float32"]
@@ -16,7 +17,7 @@ class SketchConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: SketchMethod = Field("rapidgrad", description="Compression method (the paper's RapidGrad).")
-    k: int = Field(2**16, ge=1, description="Compressed dimension K (paper default 2^16).")
+    k: int = Field(2**16, ge=1, le=2**24, description="Compressed dimension K (paper default 2^16); at most D.")
     lam: int = Field(20, ge=0, le=1000, description="Shuffle rounds λ (paper default 20).")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed; the same seed rebuilds the same map anywhere.")
     dtype: StorageDtype = Field("float16", description="Storage dtype of cached vectors (paper: fp16).")
@@ -40,8 +41,9 @@ class GradientConfig(BaseModel):
         "'all' every LoRA tensor, as in the RapidIn paper.",
     )
     normalize: bool = Field(True, description="L2-normalise each parameter tensor's gradient (layer-wise).")
-    max_length: int = Field(512, ge=2, description="Tokens per example; longer rows are truncated.")
-    batch_size: int = Field(8, ge=1, description="Examples per forward/backward pass (does not change numbers).")
+    max_length: int = Field(512, ge=2, le=2**17, description="Tokens per example; longer rows are truncated.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per forward/backward pass. A resumed build keeps "
+                            "the batch size it started with, so its bytes equal an uninterrupted build's.")
 
     @classmethod
     def paper(cls, **options) -> GradientConfig:
@@ -51,3 +53,18 @@ class GradientConfig(BaseModel):
     def fingerprint_fields(self) -> dict:
         """Fields that change the cached numbers (batch size does not)."""
         return self.model_dump(exclude={"batch_size"})
+
+
+class BuildConfig(BaseModel):
+    """How a cache build is cut into work: these do not change the cached numbers, only the unit of commit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    shard_rows: int = Field(256, ge=1, le=2**20, description="Rows per shard: the unit of commit, resume and scan. "
+                            "A resumed build keeps the value the cache was started with.")
+    skip_bad_rows: bool = Field(False, description="Skip (and count) rows with no response tokens instead of failing.")
+
+
+def field_of(model: type[BaseModel], name: str) -> FieldInfo:
+    """A model field's definition (default, bounds, help), to reuse as a flow or function parameter."""
+    return model.model_fields[name]

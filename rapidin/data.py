@@ -13,6 +13,7 @@ import fsspec
 from pydantic import BaseModel, ConfigDict
 
 from .errors import DataError
+from .urls import check_url
 
 DataFormat = Literal["alpaca", "prompt_response", "chat", "auto"]
 
@@ -193,6 +194,7 @@ def load_examples(
     url: str, fmt: DataFormat = "auto", tokenizer: Any = None, storage_options: dict | None = None
 ) -> tuple[list[Example], DataFormat]:
     """Read a data file into Examples; the format is detected from the first row unless given."""
+    check_url(url, "data", DataError)
     rows = read_rows(url, storage_options)
     if fmt == "auto":
         fmt = detect_format(rows[0][1])

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ModelError
+from .urls import check_url
 
 ModelDtype = Literal["float32", "bfloat16", "float16"]
 _REMOTE = re.compile(r"^[a-z][a-z0-9+]*://")
@@ -73,8 +74,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def localize(path: str, cache_dir: str = "~/.cache/rapidin/models", storage_options: dict | None = None) -> str:
+def default_cache_dir() -> str:
+    """Where local copies of remote models and dequantised GGUF files go: RAPIDIN_MODEL_CACHE_DIR (Settings)."""
+    from .settings import Settings
+
+    return Settings().model_cache_dir
+
+
+def localize(path: str, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
     """Copy a remote (fsspec URL) model file or directory to a local cache dir; local paths pass through."""
+    check_url(path, "model", ModelError)
+    cache_dir = cache_dir or default_cache_dir()
     if not _REMOTE.match(path) or path.startswith("file://"):
         return path.removeprefix("file://")
     target = Path(os.path.expanduser(cache_dir)) / hashlib.sha256(path.encode()).hexdigest()[:16]
@@ -98,10 +108,12 @@ def localize(path: str, cache_dir: str = "~/.cache/rapidin/models", storage_opti
 
 
 def load_model(
-    ref: ModelRef, device: str = "auto", storage_options: dict | None = None, cache_dir: str = "~/.cache/rapidin/models"
+    ref: ModelRef, device: str = "auto", storage_options: dict | None = None, cache_dir: str | None = None
 ) -> LoadedModel:
     """Load tokenizer + causal LM (+ adapter) onto a device, in eval mode, with a weight fingerprint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = cache_dir or default_cache_dir()
 
     dev = resolve_device(device)
     local = localize(ref.path, cache_dir, storage_options)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .config import SketchConfig, field_of
+from .urls import check_url
 
 
 class Settings(BaseSettings):
@@ -21,14 +24,18 @@ class Settings(BaseSettings):
     mlflow_artifact_location: str | None = Field(
         None, description="Artifact root for a new MLflow experiment (None: the tracking server's default).")
     prefect_api_url: str | None = Field(None, description="Prefect API URL; None uses the ephemeral API.")
-    cpu_pool: str = Field("cpu", description="Prefect work pool for CPU tasks.")
     gpu_pool: str = Field("gpu", description="Prefect work pool for gradient and scan runs.")
     gpu_queues: int = Field(1, ge=1, description="Number of GPU work queues gpu-0..gpu-(N-1).")
     poll_seconds: float = Field(2.0, gt=0, description="How often a flow polls the runs it dispatched.")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
-    k: int = Field(2**16, description="Default sketch dimension K.")
-    lam: int = Field(20, description="Default number of RapidGrad shuffle rounds.")
+    k: int = field_of(SketchConfig, "k")
+    lam: int = field_of(SketchConfig, "lam")
     model_cache_dir: str = Field("~/.cache/rapidin/models", description="Local copies of remote models.")
+
+    @field_validator("store_url", "data_url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        return check_url(url, "URL")
 
     def storage_options(self, url: str) -> dict:
         """fsspec options for a URL: S3 credentials and endpoint, never logged."""
