@@ -216,6 +216,8 @@ class Run:
         return json.loads((self.wd / "generations.json").read_text())["attributed"]
 
     def queries(self) -> None:
+        from safetensors.torch import save_file
+
         from rapidin.api import auto_target_positions, target_positions
         from rapidin.data import alpaca_prompt, tokenize
         from rapidin.gradients import GradientComputer
@@ -239,10 +241,16 @@ class Run:
             meta.append({"hand_positions": hand, "hand_source": hand_source, "hand_tokens": [tokens[t] for t in hand],
                          "auto_positions": auto, "auto_rule": rule, "auto_tokens": [tokens[t] for t in auto],
                          "prompt_len": item.prompt_len, "response_tokens": len(item.input_ids) - item.prompt_len})
-        torch.save({"vectors": torch.stack(vectors), "layout": computer.layout}, self.wd / "queries.pt")
+        save_file({"vectors": torch.stack(vectors).contiguous()}, str(self.wd / "queries.safetensors"))  # no pickle
         (self.wd / "queries.json").write_text(json.dumps(meta, indent=2))
         for m in meta:
             log(f"auto target tokens {m['auto_tokens']} | hand {m['hand_tokens'][:8]}")
+
+    def query_vectors(self) -> torch.Tensor:
+        """[generations, 3 target rules (whole, words, auto), D] exact query gradients of the queries stage."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.wd / "queries.safetensors"))["vectors"]
 
     def plan(self, params: tuple[str, ...], k: int):
         from rapidin.api import plan_cache
@@ -313,7 +321,7 @@ class Run:
         return {key: torch.cat(v).numpy() for key, v in scores.items()}
 
     def exact(self) -> None:
-        q = torch.load(self.wd / "queries.pt")["vectors"]  # [G, 3, D]
+        q = self.query_vectors()  # [G, 3, D]
         rows = []
 
         def chunks():
@@ -332,7 +340,7 @@ class Run:
         from rapidin.retrieval import QueryGroup, scan
         from rapidin.sketch import RapidGrad
 
-        q = torch.load(self.wd / "queries.pt")["vectors"]
+        q = self.query_vectors()
         flat = q.reshape(-1, q.shape[-1])
         cols = self.columns()
         results = {}
@@ -346,7 +354,7 @@ class Run:
                 assert json.loads(json.dumps(plan.manifest.layout)) == expected, "cache layout != gradient layout"
                 sketch = RapidGrad(plan.manifest.sketch)
                 for c, grads, rows in tqdm(self.chunks(), desc=f"cache {key} K=2^{int(math.log2(k))}", unit="chunk"):
-                    if plan.store.committed_shard(c, verify=False) is not None:
+                    if plan.store.committed_shard(c, plan.manifest.shard_range(c), verify=False) is not None:
                         continue
                     t0 = time.perf_counter()
                     vectors = (sketch(grads if key == "all" else grads[:, b]).half() + 0.0).cpu()
@@ -364,7 +372,7 @@ class Run:
                     "scores": torch.stack(result.all_scores, 1).numpy().reshape(-1, *q.shape[:2]),
                     "rows": result.all_rows.numpy(), "bytes": sum(s.bytes for s in manifest.shards),
                     "sketch_seconds": sum(s.seconds.get("sketch", 0.0) for s in manifest.shards),
-                    "scan_seconds": t_scan, "url": plan.store.url}
+                    "scan_seconds": t_scan, "url": plan.store.url, "queries": qs.reshape(*q.shape[:2], -1)}
         np.savez(self.wd / "sketched.npz", **{f"{name}|{field}": v[field] for name, v in results.items()
                                               for field in ("scores", "rows", "bytes", "sketch_seconds", "scan_seconds")})
         (self.wd / "caches.json").write_text(json.dumps({n: v["url"] for n, v in results.items()}, indent=2))
@@ -385,27 +393,47 @@ class Run:
 
     def check_attribute(self, results: dict) -> None:
         """The library's documented default end to end: rapidin.attribute(AttributeConfig()) on the largest cache of
-        the default tensor set gives this script's scores (auto target, magnitude) and target positions."""
-        from rapidin.api import AttributeConfig, Generation, attribute
+        the default tensor set gives this script's query vectors (bit for bit), target positions and scores.
+
+        The two sides scan with query matrices of different shapes, so float32 sums run in different orders: each
+        score may differ from the exact inner product by at most gamma_K * sum_i |a_i b_i| (gamma_K = K u / (1 - K u),
+        u = 2^-24; Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5), so the two by twice that."""
+        from rapidin.api import AttributeConfig, Generation, attribute, open_cache
 
         key = self.default_subset()
         cache = f"{key}:{max(self.args.k)}"
         if cache not in results:
             raise SystemExit(f"no cache of the library's default tensor set ({key}): add it to --cache-subsets")
+        loaded = self.model()
+        config = AttributeConfig(top_k=5, auto_target=self.args.auto_target)
         gens = [Generation(prompt=g["instruction"], response=g["triggered_response"]) for g in self.attacked()]
-        att, result = attribute(self.model(), gens, cache_url=results[cache]["url"],
-                                config=AttributeConfig(top_k=5, auto_target=self.args.auto_target),
-                                progress=False, keep_all_scores=True)
-        mine = results[cache]["scores"][:, :, 2]
-        rows = results[cache]["rows"]
-        lib = torch.stack(result.all_scores, 1).numpy()
+        att, result = attribute(loaded, gens, cache_url=results[cache]["url"], config=config, progress=False,
+                                keep_all_scores=True)
+        store, manifest = open_cache(loaded, cache_url=results[cache]["url"])
+        library_queries = result.queries  # one whole-generation query per generation (no token-wise columns)
+        script_queries = results[cache]["queries"][:, 2]  # the auto-target rule
+        mine = torch.from_numpy(results[cache]["scores"][:, :, 2]).double()
+        lib = torch.stack(result.all_scores, 1).double()
+        stored = torch.cat([store.load_shard(info)[0] for info in manifest.shards]).double()
+        k = stored.shape[1]
+        gamma = k * 2.0**-24 / (1 - k * 2.0**-24)
+        bound = 2 * gamma * (stored.abs() @ script_queries.double().abs().T)
+        diff = (mine - lib).abs()
         meta = json.loads((self.wd / "queries.json").read_text())
         same_targets = all(gen.target_positions == [p - m["prompt_len"] for p in m["auto_positions"]]
                            for gen, m in zip(att.generations, meta, strict=True))
-        top = [sorted(int(rows[i]) for i in np.argsort(-np.abs(mine[:, g]), kind="stable")[:5]) for g in range(len(gens))]
-        influential = [sorted(h.row for h in gen.influential) for gen in att.generations]
-        check = {"tensors": key, "max_abs_diff": float(np.abs(mine - lib).max()), "max_abs_score": float(np.abs(mine).max()),
-                 "same_target_positions": same_targets, "influential_is_magnitude_top5": top == influential}
+        rows = torch.from_numpy(results[cache]["rows"])
+        # the library's |score| top 5 must be a top 5 of the script's scores, up to ties within the bound
+        top_ok = True
+        for g, gen in enumerate(att.generations):
+            fifth = mine[:, g].abs().sort(descending=True).values[4]
+            for hit in gen.influential:
+                i = int((rows == hit.row).nonzero()[0, 0])
+                top_ok &= bool(mine[i, g].abs() >= fifth - bound[i, g])
+        check = {"tensors": key, "same_query_vectors": bool(torch.equal(library_queries, script_queries)),
+                 "same_target_positions": same_targets, "scores_within_fp32_bound": bool((diff <= bound).all()),
+                 "max_abs_diff": float(diff.max()), "min_bound": float(bound.min()),
+                 "max_abs_score": float(mine.abs().max()), "influential_is_magnitude_top5": top_ok}
         (self.wd / "attribute_check.json").write_text(json.dumps(check))
         log(f"rapidin.attribute(AttributeConfig()) on the default tensor set vs this script: {check}")
 
@@ -752,7 +780,7 @@ def main(argv=None) -> int:
     run.stage("generate", wd / "generations.json", run.generate)
     if not run.attacked():
         sys.exit("the attack fired on no query: train longer (--epochs) or on more rows")
-    run.stage("queries", wd / "queries.pt", run.queries)
+    run.stage("queries", wd / "queries.safetensors", run.queries)
     run.stage("grads", wd / "grads" / "done", run.grads)
     run.stage("exact", wd / "exact.npz", run.exact)
     run.stage("caches", wd / "sketched.npz", run.caches)

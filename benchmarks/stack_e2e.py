@@ -50,6 +50,25 @@ def _task_seconds(flow_run_ids: list[str], prefix: str) -> float:
     return sum(t["total_run_time"] for t in _api("POST", "/task_runs/filter", json=body) if t["name"].startswith(prefix))
 
 
+def deployment_checks(model_name: str, by_flow: dict[str, list[dict]]) -> dict[str, bool]:
+    """What `prefect deploy --all` made of deployments/prefect.yaml: the re-cache schedule, its concurrency limit and
+    event trigger, both work pools; and the triggered run took its model_name from the event."""
+    deployments = {(d["name"], d["entrypoint"]): d for d in _api("POST", "/deployments/filter", json={})}
+    recache = deployments[("scheduled", "flows/recache.py:recache_new_versions")]
+    automations = _api("POST", "/automations/filter", json={})
+    linked = [a for a in automations if any(act.get("deployment_id") == recache["id"] for act in a["actions"])]
+    triggered = [r for r in by_flow.get("recache-new-versions", []) if r["parameters"].get("model_name") == model_name]
+    return {
+        "re-cache scheduled hourly": [x["schedule"]["cron"] for x in recache["schedules"]] == ["17 * * * *"],
+        "re-cache concurrency limit 1": (recache.get("global_concurrency_limit") or {}).get("limit") == 1,
+        "re-cache triggered by rapidin.model.registered": bool(
+            linked and "rapidin.model.registered" in linked[0]["trigger"]["expect"]),
+        "deployments on the cpu and gpu pools": {d["work_pool_name"] for d in deployments.values()} == {"cpu", "gpu"},
+        "triggered run: model_name from the event, deployment executor": bool(
+            triggered and triggered[0]["parameters"].get("executor") == "deployment"),
+    }
+
+
 def _run(name: str, params: dict, queue: str | None = None) -> tuple[object, float]:
     from prefect.deployments import run_deployment
 
@@ -119,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = CacheStore(cache_url, s.storage_options(cache_url)).read_manifest()
 
     gens = [{"prompt": toy.demo_queries()[0]}]
-    config = {"top_k": 5}
+    config = {"top_k": 5, "token_wise": True}
     _, stages["attribute"] = _run("attribute/fanout", {"model": {"uri": f"models:/{name}/1"}, "generations": gens,
                                                        "config": config})
 
@@ -141,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     bucket = s.store_url.removeprefix("s3://").split("/")[0]
     ml_keys = [k for k in fs.find(f"{bucket}/mlflow") if attribution_run.info.run_id in k]
     assert any(k.endswith("attribution.json") for k in ml_keys), "MLflow artifacts are not in the S3 bucket"
-    checks = {"shard runs on gpu-0 and gpu-1": queues == ["gpu-0", "gpu-1"]}
+    checks = {"shard runs on gpu-0 and gpu-1": queues == ["gpu-0", "gpu-1"],
+              "every shard run completed": all(r["state_type"] == "COMPLETED" for r in shard_runs)}
+    checks.update(deployment_checks(name, by_flow))
     remote = json.loads(client.download_artifacts(attribution_run.info.run_id, "attribution.json", str(work))
                         and (work / "attribution.json").read_text())
     from rapidin.api import AttributeConfig, Generation, attribute
@@ -151,9 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     loaded, _ = loaded_model(resolve(ModelSpec(uri=f"models:/{name}/1")).ref, "cpu")
     local = attribute(loaded, [Generation(**g) for g in gens], cache_url=cache_url, config=AttributeConfig(**config),
                       storage_options=s.storage_options(cache_url), progress=False)
-    same = [[h["row"] for h in g["influential"]] for g in remote["generations"]] == [
-        [h.row for h in g.influential] for g in local.generations]
-    checks["fanned-out attribution == in-process"] = same
+    checks["fanned-out attribution == in-process (token-wise, every field)"] = remote["generations"] == [
+        json.loads(g.model_dump_json()) for g in local.generations]
+    from rapidin import build_cache
+
+    here = build_cache(loaded, snapshot, (work / "store").as_uri(), sketch=manifest.sketch.config,
+                       gradient=manifest.gradient, shard_rows=manifest.shard_rows,
+                       data_storage_options=s.storage_options(snapshot), progress=False)
+    checks["fanned-out cache == in-process cache (bytes)"] = (
+        here.cache_id == manifest.cache_id and [x.sha256 for x in here.shards] == [x.sha256 for x in manifest.shards])
 
     # orchestration vs compute
     cache_compute = sum(manifest.timings.get(k, 0.0) for k in ("gradients", "sketch", "write"))

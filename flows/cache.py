@@ -8,7 +8,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
-from rapidin.config import GradientConfig, SketchConfig
+from rapidin.config import BuildConfig, GradientConfig, SketchConfig, field_of
 from rapidin.data import DataFormat
 from tasks.cache import cache_shard_group, finalize_cache_task, plan_cache_task, read_reports, remove_dir, scratch_url
 from tasks.common import CacheJob, Executor, ModelSpec, ShardGroup, settings, split_groups
@@ -39,9 +39,9 @@ def cache_gradients(
     data_url: str,
     sketch: SketchConfig | None = None,
     gradient: GradientConfig = GradientConfig(),
-    shard_rows: int = Field(256, ge=1, description="Rows per shard (the unit of commit and resume)."),
+    shard_rows: int = field_of(BuildConfig, "shard_rows"),
     fmt: DataFormat = "auto",
-    skip_bad_rows: bool = False,
+    skip_bad_rows: bool = field_of(BuildConfig, "skip_bad_rows"),
     executor: Executor = "local",
     groups: int | None = Field(None, ge=1, description="Shard groups; None: one per GPU queue (deployment) or 1."),
     store_url: str | None = Field(None, description="Cache store root; None: RAPIDIN_STORE_URL."),

@@ -8,6 +8,7 @@ Run it with `python -m flows.demo` (add --help for options).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from prefect import flow, task
@@ -19,7 +20,7 @@ from rapidin.api import AttributeConfig, Generation
 from rapidin.config import GradientConfig, SketchConfig
 from rapidin.data import alpaca_prompt
 from rapidin.finetune import FinetuneConfig
-from rapidin.metrics import list_metrics
+from rapidin.metrics import TOP_LIST_METRICS, top_list_metrics
 from rapidin.results import Attribution
 from tasks.common import ModelSpec, settings
 from tasks.tracking import public_uri
@@ -64,16 +65,17 @@ def explain(result: DemoResult, top: int = 5) -> str:
                 instruction = hit.prompt.split("### Instruction:")[-1].split("###")[0].strip()
                 lines.append(f"    #{hit.rank} row {hit.row:4d} score {hit.score:+.4g}  {instruction[:45]!r} -> "
                              f"{hit.response[:45]!r}{'  POISONED' if poisoned(hit) else ''}")
-        m = list_metrics([h.score for h in gen.helpful], [poisoned(h) for h in gen.helpful],
-                         [h.score for h in gen.harmful], [poisoned(h) for h in gen.harmful])
-        hits = gen.influential[:top]
-        lines.append(f"  poisoned among the top-{len(hits)} influential rows: {sum(map(poisoned, hits))}/{len(hits)}; "
-                     "helpful+harmful lists (paper's signed protocol): " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+        m = top_list_metrics([poisoned(h) for h in gen.influential[:top]])
+        lines.append("  finding the poisoned rows: " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+        lines.append(f"  ({TOP_LIST_METRICS})")
     uri = public_uri(s.mlflow_tracking_uri)
-    lines += ["", "Review it:",
-              f"  MLflow UI:  mlflow ui --backend-store-uri {uri}   (runs in experiment '{s.mlflow_experiment}')"
+    bin_dir = Path(sys.executable).parent
+    lines += ["", "Review it: `make ui` opens both UIs on this data (Ctrl-C stops them), or run",
+              f"  MLflow UI:  {bin_dir}/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+              f"   (http://127.0.0.1:5000, experiment '{s.mlflow_experiment}')"
               if not uri.startswith("http") else f"  MLflow UI:  {uri}",
-              "  Prefect UI: prefect server start   (then open http://127.0.0.1:4200; flow runs, artifacts, progress)"]
+              f"  Prefect UI: {bin_dir}/prefect server start --host 127.0.0.1"
+              "   (http://127.0.0.1:4200: flow runs, artifacts, progress)"]
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
-from rapidin.config import GradientConfig, SketchConfig
+from rapidin.config import BuildConfig, GradientConfig, SketchConfig, field_of
 from rapidin.errors import RapidInError
 from rapidin.store import CacheStore, Manifest, find_caches
 from tasks.common import IO_RETRIES, Executor, ModelSpec, settings
@@ -26,14 +26,17 @@ class VersionToCache(BaseModel):
     cached: str | None = Field(None, description="URL of an existing complete cache, if any.")
 
 
-def _fits(manifest: Manifest, sketch: SketchConfig, gradient: GradientConfig, data_url: str | None) -> bool:
-    """A complete cache built with this sketch, these gradient options and (if known) this data."""
-    return (manifest.complete and manifest.sketch.config == sketch
-            and manifest.gradient.fingerprint_fields() == gradient.fingerprint_fields()
+def _fits(manifest: Manifest, sketch: SketchConfig | None, gradient: GradientConfig | None,
+          data_url: str | None) -> bool:
+    """A complete cache over this data (if known) and, when they are asked for, with this sketch and these gradient
+    options: without an explicit sketch any complete cache of the version counts (one cache per version)."""
+    return (manifest.complete
+            and (sketch is None or manifest.sketch.config == sketch)
+            and (gradient is None or manifest.gradient.fingerprint_fields() == gradient.fingerprint_fields())
             and (data_url is None or manifest.dataset.get("url") == data_url))
 
 
-def existing_cache(name: str, version: str, tags: dict, sketch: SketchConfig, gradient: GradientConfig,
+def existing_cache(name: str, version: str, tags: dict, sketch: SketchConfig | None, gradient: GradientConfig | None,
                    data_url: str | None, store_url: str) -> str | None:
     """The URL of a complete, fitting cache of this version (the version's tag first, then the store)."""
     s = settings()
@@ -50,7 +53,8 @@ def existing_cache(name: str, version: str, tags: dict, sketch: SketchConfig, gr
 
 
 @task(name="find-versions", **IO_RETRIES, cache_policy=NO_CACHE)
-def find_versions(model_name: str | None, data_url: str | None, sketch: SketchConfig, gradient: GradientConfig,
+def find_versions(model_name: str | None, data_url: str | None, sketch: SketchConfig | None,
+                  gradient: GradientConfig | None,
                   store_url: str, max_versions: int) -> list[VersionToCache]:
     """Registered versions (newest last) and, for each, a complete cache if one exists."""
     client = mlflow_client(settings())
@@ -70,9 +74,12 @@ def find_versions(model_name: str | None, data_url: str | None, sketch: SketchCo
 def recache_new_versions(
     model_name: str | None = Field(None, description="Only this registered model; None: every registered model."),
     data_url: str | None = Field(None, description="Data for versions without a rapidin.data_url tag."),
-    sketch: SketchConfig | None = None,
-    gradient: GradientConfig = GradientConfig(),
-    shard_rows: int = Field(256, ge=1),
+    sketch: SketchConfig | None = Field(None, description="Sketch of the caches to build; None: RAPIDIN_K/RAPIDIN_LAM "
+                                        "defaults, and any complete cache of a version counts (a re-cache of an "
+                                        "unchanged version is a no-op). Given: a version needs a cache with it."),
+    gradient: GradientConfig | None = Field(None, description="Gradient options; None: the defaults, and any "
+                                            "complete cache of a version counts."),
+    shard_rows: int = field_of(BuildConfig, "shard_rows"),
     executor: Executor = "local",
     groups: int | None = Field(None, ge=1),
     store_url: str | None = Field(None, description="Cache store root; None: RAPIDIN_STORE_URL."),
@@ -81,7 +88,6 @@ def recache_new_versions(
     """Build exactly one cache for each registered version that has none; skip cached ones."""
     logger = get_run_logger()
     s = settings()
-    sketch = sketch or SketchConfig(k=s.k, lam=s.lam)
     store = store_url or s.store_url
     built = []
     for v in find_versions(model_name, data_url, sketch, gradient, store, max_versions):
@@ -92,7 +98,8 @@ def recache_new_versions(
             logger.warning("%s v%s: no %s tag and no data_url parameter; skipped", v.name, v.version, DATA_URL_TAG)
             continue
         logger.info("%s v%s: building its cache over %s", v.name, v.version, v.data_url)
-        built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version), data_url=v.data_url, sketch=sketch,
-                                     gradient=gradient, shard_rows=shard_rows, executor=executor, groups=groups,
+        built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version), data_url=v.data_url,
+                                     sketch=sketch or SketchConfig(k=s.k, lam=s.lam),
+                                     gradient=gradient or GradientConfig(), shard_rows=shard_rows, executor=executor, groups=groups,
                                      store_url=store))
     return built

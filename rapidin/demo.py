@@ -13,7 +13,7 @@ from .api import AttributeConfig, Generation, attribute, build_cache
 from .config import GradientConfig, SketchConfig
 from .data import alpaca_prompt, load_examples
 from .finetune import FinetuneConfig, finetune, save
-from .metrics import backdoor_metrics
+from .metrics import top_list_metrics
 from .models import ModelRef, load_model
 from .results import Attribution
 
@@ -46,7 +46,7 @@ def prepare_toy_model(workdir: Path, rows: int = 240, epochs: float = 30.0, prog
     return data_path, model_dir
 
 
-def run_demo(workdir: str | Path = ".rapidin/demo", rows: int = 240, k: int = 2**16, top_k: int = 5,
+def run_demo(workdir: str | Path = ".rapidin/demo", rows: int = 240, k: int = 4096, top_k: int = 5,
              device: str = "auto", progress: bool = True) -> DemoResult:
     """Build, fine-tune, cache and attribute; metrics follow the howdy protocol."""
     workdir = Path(workdir)
@@ -61,12 +61,11 @@ def run_demo(workdir: str | Path = ".rapidin/demo", rows: int = 240, k: int = 2*
                 gradient=GradientConfig(max_length=128), shard_rows=64)
     timings["cache"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    attribution, scan = attribute(loaded, [Generation(prompt=q) for q in toy.demo_queries()], store_root=store,
-                                  config=AttributeConfig(top_k=top_k), progress=progress, keep_all_scores=True)
+    attribution = attribute(loaded, [Generation(prompt=q) for q in toy.demo_queries()], store_root=store,
+                            config=AttributeConfig(top_k=top_k), progress=progress)
     timings["attribute"] = time.perf_counter() - t2
     poisoned = [r["poisoned"] for r in toy.demo_rows(rows)]
-    # ranked by |score|, as the `influential` list the documented default reads
-    metrics = [backdoor_metrics(s.abs().numpy(), scan.all_rows.numpy(), poisoned, ks=(5, 10)) for s in scan.all_scores]
+    metrics = [top_list_metrics([poisoned[h.row] for h in gen.influential]) for gen in attribution.generations]
     return DemoResult(attribution, poisoned, metrics, timings, str(model_dir), str(data_path), store)
 
 

@@ -8,7 +8,7 @@ interact, so this equals a batch-1 loop).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -72,13 +72,17 @@ class GradientComputer:
             pieces.append(per_example)
         return torch.cat(pieces, dim=1)
 
-    def token_gradients(self, item: Tokenized, positions: Sequence[int]) -> torch.Tensor:
-        """[len(positions), D]: the gradient of each single target token's loss (batched copies)."""
+    def token_gradients(self, item: Tokenized, positions: Sequence[int],
+                        advance: Callable[[int], object] | None = None) -> torch.Tensor:
+        """[len(positions), D]: the gradient of each single target token's loss (batched copies);
+        `advance(n)` is called after each batch of n tokens (progress bars)."""
         rows = []
         for start in range(0, len(positions), self.config.batch_size):
             chunk = positions[start : start + self.config.batch_size]
             weights = [_one_hot(len(item.input_ids), t) for t in chunk]
             rows.append(self.gradients([item] * len(chunk), weights))
+            if advance:
+                advance(len(chunk))
         return torch.cat(rows) if rows else torch.zeros(0, self.dim, device=self.device)
 
 

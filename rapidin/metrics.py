@@ -41,11 +41,16 @@ def backdoor_metrics(scores: np.ndarray, rows: np.ndarray, positive: Sequence[bo
     return out
 
 
-def list_metrics(helpful_scores: Sequence[float], helpful_positive: Sequence[bool], harmful_scores: Sequence[float],
-                 harmful_positive: Sequence[bool]) -> dict:
-    """The same protocol from a result's top-K helpful and harmful lists (they are the K highest and K lowest rows)."""
-    k = len(helpful_scores)
-    scores = np.asarray(list(helpful_scores) + list(harmful_scores), dtype=float)
-    labels = np.asarray(list(helpful_positive) + list(harmful_positive), dtype=bool)
-    return {f"auprc@{k}": average_precision(scores, labels), f"auroc@{k}": roc_auc(scores, labels),
-            f"precision@{k}": float(np.mean(helpful_positive)) if k else 0.0}
+TOP_LIST_METRICS = ("precision@k: share of poisoned rows among the top-k influential (|score|) rows; "
+                    "AP@k: their average precision (1.0 = every poisoned row in the list ranks above every clean one)")
+
+
+def top_list_metrics(poisoned_in_rank_order: Sequence[bool]) -> dict:
+    """The demos' one metric, computable from a result's `influential` list alone (see TOP_LIST_METRICS)."""
+    flags = np.asarray(poisoned_in_rank_order, dtype=float)
+    k = len(flags)
+    if k == 0:
+        return {}
+    precision_at = np.cumsum(flags) / np.arange(1, k + 1)
+    ap = float((precision_at * flags).sum() / flags.sum()) if flags.sum() else 0.0
+    return {f"precision@{k}": float(flags.mean()), f"AP@{k}": ap}

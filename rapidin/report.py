@@ -488,7 +488,7 @@ def compare_markdown(diff: dict[str, Any], top: int = 10) -> str:
         out += [f"## Generation {gen['index'] + 1}: {_md(_preview(gen['prompt_b'], 100))}", ""]
         if not gen["same_prompt"]:
             out += ["**Prompts differ between the two runs.**", ""]
-        for kind in ("helpful", "harmful"):
+        for kind in KINDS:
             d = gen["kinds"][kind]
             out += [f"### {kind}: {d['overlap']} kept, {len(d['entered'])} entered, {len(d['left'])} left", "",
                     "| change | id | rank a | rank b | shift | response |", "|---|---|---:|---:|---:|---|"]

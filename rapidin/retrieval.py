@@ -81,6 +81,7 @@ class ScanResult:
     bytes_scanned: int = 0
     all_scores: list[torch.Tensor] | None = None  # optional whole-query score of every row, per generation
     all_rows: torch.Tensor | None = None  # the rows those scores belong to
+    queries: torch.Tensor | None = None  # with keep_all_scores: the [Q, K] query matrix the rows were scored with
 
     def merge(self, other: ScanResult) -> ScanResult:
         """Exact merge of scans over disjoint shards."""
@@ -152,6 +153,8 @@ def scan(
         start += c.shape[0]
     queries = torch.cat(columns).to(device, torch.float32)  # [Q, K]
     result = new_scan(groups, k, keep_all_scores)
+    if keep_all_scores:
+        result.queries = queries.cpu()
     for vectors, rows in shards:
         scores = (vectors.to(device, torch.float32) @ queries.T).cpu()  # [n, Q]
         result.rows_scanned += rows.numel()

@@ -331,8 +331,11 @@ def test_recache_builds_each_new_version_exactly_once(world: World, monkeypatch:
     assert len(caches) == 1 and CacheStore(caches[0]).read_manifest().complete
     manifest = CacheStore(caches[0]).read_manifest()
     assert all(".lora_" in name for name, _ in manifest.layout)  # adapter tensors are what got attributed
-    assert recache_new_versions(model_name="tiny", shard_rows=8) == []  # nothing left to do
+    # nothing left to do, even with another default K: one cache per version unless a sketch is asked for
+    monkeypatch.setenv("RAPIDIN_K", "512")
+    assert recache_new_versions(model_name="tiny", shard_rows=8) == []
     assert len(runs("cache", model_name="tiny", model_version="2")) == 1
+    assert len(find_caches(world.store_url, "tiny", "2")) == 1
 
 
 def test_store_and_data_on_seaweedfs(world: World, seaweed_s3, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from rapidin.gradients import GradientComputer
 from rapidin.models import ModelRef, load_model
 
 GGUF = Path(os.environ.get("RAPIDIN_TEST_GGUF", Path(__file__).parents[1] / ".rapidin/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-pytestmark = pytest.mark.skipif(not GGUF.exists(), reason=f"{GGUF} missing: run `make smollm2`")
+pytestmark = pytest.mark.needs(GGUF.exists(), f"{GGUF} missing: run `make smollm2`")
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +56,27 @@ def test_gguf_lora_batched_equals_loop(smol, tmp_path):
     assert result.generations[0].helpful[0].row == 0  # the identical training row is the most helpful
 
 
-def test_gguf_is_dequantised_once_and_reused(smol):
+def test_gguf_is_dequantised_once_and_reused(smol, monkeypatch):
     """The fixture's load converted the GGUF file once to a safetensors directory keyed by its sha256 (in the
-    default model cache); later loads read that directory and give the same weights and tokenizer."""
-    from rapidin.models import _dequantised_gguf
+    model cache, RAPIDIN_MODEL_CACHE_DIR: the tests' own, never the user's); later loads read that directory,
+    without parsing the GGUF file again, and give the same weights and tokenizer."""
+    from rapidin.models import _dequantised_gguf, default_cache_dir
 
-    t0 = time.perf_counter()
-    converted = Path(_dequantised_gguf(str(GGUF), "~/.cache/rapidin/models"))
-    assert time.perf_counter() - t0 < 5  # only the file's hash: no GGUF parsing
+    assert default_cache_dir() == os.environ["RAPIDIN_MODEL_CACHE_DIR"]
+    converted = Path(_dequantised_gguf(str(GGUF), default_cache_dir()))
+    assert converted.is_relative_to(Path(default_cache_dir()))
     assert (converted / ".complete").exists() and (converted / "model.safetensors").exists()
+    written = (converted / "model.safetensors").stat().st_mtime_ns
+    import transformers
+
+    parse = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: (
+        _fail("the GGUF file was parsed again") if kw.get("gguf_file") else parse(*a, **kw)))
     again = load_model(ModelRef(path=str(GGUF), adapter=smol.ref.adapter, name="smollm2", version="test"), device="cpu")
+    assert (converted / "model.safetensors").stat().st_mtime_ns == written
     assert again.fingerprint == smol.fingerprint
     assert "<|im_start|>" in again.tokenizer.chat_template
+
+
+def _fail(message: str):
+    raise AssertionError(message)

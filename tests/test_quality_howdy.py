@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "howdy_reduced"
 HOWDY = ROOT.parent / "shared" / "data" / "howdy"
 pytestmark = [
-    pytest.mark.skipif(not GGUF.exists(), reason=f"{GGUF} missing: run `make smollm2`"),
-    pytest.mark.skipif(not (HOWDY / "train.jsonl").exists(), reason=f"{HOWDY} missing (../shared/data/howdy)"),
+    pytest.mark.needs(GGUF.exists(), f"{GGUF} missing: run `make smollm2`"),
+    pytest.mark.needs((HOWDY / "train.jsonl").exists(), f"{HOWDY} missing (../shared/data/howdy)"),
 ]
 K = 2**16
 
@@ -79,8 +79,10 @@ def test_library_default_equals_the_benchmark(report):
     gives the benchmark's own scores, target positions and |score| top-5."""
     check = report["attribute_check"]
     assert check["tensors"] == "mlpB"
-    assert check["same_target_positions"] and check["influential_is_magnitude_top5"]
-    assert check["max_abs_diff"] <= 1e-6 * max(1.0, check["max_abs_score"])
+    assert check["same_query_vectors"] and check["same_target_positions"]  # bit for bit
+    # float32 scan sums in another order: within the derived bound (see howdy.check_attribute), and the top 5 agree
+    assert check["scores_within_fp32_bound"], check
+    assert check["influential_is_magnitude_top5"], check
 
 
 def test_default_finds_the_backdoor_rows(report):

@@ -204,11 +204,9 @@ def test_default_view_and_colours():
 
 
 def test_large_report_stays_usable():
-    """top_k=100 and a 500-token generation: renders fast, compact, long rows folded."""
+    """top_k=100 and a 500-token generation: compact, long rows folded (render time: benchmarks, not here)."""
     att = hand_attribution(n_tokens=500, top_k=100, generations=1)
-    t0 = time.perf_counter()
     page = render_html(att)
-    assert time.perf_counter() - t0 < 10
     assert len(page) < 12 * 2**20
     assert page.count('class="tok"') + page.count('class="tok neg"') == 500
     assert page.count('class="hit"') == 300
@@ -360,7 +358,11 @@ def test_real_attribution_report_and_plots(real_attribution, tmp_path):
 # Headless Chromium through the DevTools protocol
 
 CHROMIUM = shutil.which("chromium")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
+
+
+def needs_chromium(test):
+    """A browser test: skipped (failed under CI) where Debian's chromium is missing."""
+    return pytest.mark.browser(pytest.mark.needs(CHROMIUM is not None, "Debian's chromium is not installed (make browser)")(test))
 
 
 class Browser:
@@ -507,9 +509,6 @@ class Page:
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    pytest.importorskip("websockets.sync.client", reason="the DevTools client needs websockets>=12 (comes with prefect)")
     b = Browser()
     yield b
     b.close()
@@ -647,11 +646,8 @@ def test_browser_real_attribution(browser, real_attribution, tmp_path):
 def test_browser_hostile_text_and_large_report(browser, tmp_path):
     """Script in training data is shown as text and never runs; top_k=100 x 500 tokens loads and responds."""
     att = hand_attribution(n_tokens=500, top_k=100, generations=2)
-    t0 = time.perf_counter()
     page, state = _run_report_in_browser(browser, att, tmp_path, "large")
-    load_seconds = time.perf_counter() - t0
     try:
-        assert load_seconds < 30
         cards = state["gens"][0]["lists"]["helpful"]
         assert cards[0]["response"] == f"{EVIL} then {CLOSE}"
         assert cards[1]["ttoks"][:2] == [EVIL, CLOSE]

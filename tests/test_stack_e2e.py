@@ -2,7 +2,9 @@
 S3 artifacts, Prefect server, cpu worker, gpu-0/gpu-1 workers), then benchmarks/stack_e2e.py: prefect deploy ->
 ingest -> fine-tune + register (event) -> event-triggered re-cache fanned out to both GPU queues -> attribute
 fanned out; the script itself asserts the cache and MLflow artifacts are in the S3 bucket, both queues ran shard
-runs, and the merged attribution equals the in-process one."""
+runs, the deployments carry prefect.yaml's schedule, concurrency limit and event trigger, the triggered run took its
+model_name from the event, the fanned-out cache has the bytes of an in-process build, and the merged token-wise
+attribution equals the in-process one in every field."""
 
 import json
 import os

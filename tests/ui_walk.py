@@ -1,0 +1,136 @@
+"""The reviewer's path in a real browser (Debian's Chromium driven by Playwright): open the Prefect UI, find the
+attribute deployment, fill its run form (model version, prompt, top-k), start it, wait for the run on the workers,
+then open the MLflow run it produced and look for the top-k artifact and the report. Screenshots are saved.
+
+    python tests/ui_walk.py --model-uri models:/NAME/1 --out DIR   (with the stack's env.sh sourced)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+PROMPT = "howdy! What is the capital of Peru?"
+
+
+def prefect_api() -> str:
+    return os.environ["PREFECT_API_URL"].rstrip("/")
+
+
+def attribute_deployment() -> dict:
+    """The `attribute/fanout` deployment of deployments/prefect.yaml."""
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{prefect_api()}/flows/filter", json={}, timeout=30).json()}
+    (dep,) = [d for d in httpx.post(f"{prefect_api()}/deployments/filter", json={}, timeout=30).json()
+              if flows.get(d["flow_id"]) == "attribute" and d["name"] == "fanout"]
+    return dep
+
+
+def deployment_runs(deployment_id: str) -> list[dict]:
+    body = {"deployments": {"id": {"any_": [deployment_id]}}}
+    return httpx.post(f"{prefect_api()}/flow_runs/filter", json=body, timeout=30).json()
+
+
+def wait_for_new_run(deployment_id: str, before: set[str], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [r["id"] for r in deployment_runs(deployment_id) if r["id"] not in before]
+        if new:
+            return new[0]
+        time.sleep(0.5)
+    raise TimeoutError("the form's submit created no flow run")
+
+
+def wait_for_run(run_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{prefect_api()}/flow_runs/{run_id}", timeout=30).json()
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(1)
+    raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
+
+
+def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
+    """Fill and submit the Prefect form, then read the MLflow run; returns what was seen (for the test)."""
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    ui = prefect_api().removesuffix("/api")
+    dep = attribute_deployment()
+    seen: dict = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(60_000)
+        page.goto(f"{ui}/deployments", wait_until="networkidle")
+        page.get_by_text("fanout").first.wait_for()
+        page.screenshot(path=str(out / "1-prefect-deployments.png"))
+        page.goto(f"{ui}/deployments/deployment/{dep['id']}/run", wait_until="networkidle")
+        page.get_by_text("Parameters").first.wait_for()
+        seen["form_text"] = page.inner_text("main") if page.locator("main").count() else page.inner_text("body")
+        page.locator(".schema-form-property-input textarea").first.fill(model_uri)  # model -> Uri
+        page.get_by_role("button", name="Add item").first.click()  # generations -> one item
+        prompt = page.locator(".schema-form-property-input textarea").nth(1)
+        prompt.fill(PROMPT)
+        top = page.locator("input[type=number]").first  # config -> Top K
+        top.fill(str(top_k))
+        page.screenshot(path=str(out / "2-prefect-run-form.png"), full_page=True)
+        before = {r["id"] for r in deployment_runs(dep["id"])}
+        page.locator("button[type=submit]").last.click()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(out / "2b-after-submit.png"), full_page=True)
+        page.wait_for_url(lambda url: not url.rstrip("/").endswith("/run"))  # back to the deployment's runs
+        run_id = wait_for_new_run(dep["id"], before)
+        seen["flow_run_id"] = run_id
+        run = wait_for_run(run_id)
+        seen["state"] = run["state_type"]
+        seen["parameters"] = run["parameters"]
+        page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle")
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(out / "3-prefect-flow-run.png"), full_page=True)
+
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(os.environ.get("RAPIDIN_MLFLOW_EXPERIMENT", "rapidin"))
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1,
+                                  filter_string="tags.`rapidin.kind` = 'attribution'")
+        mlrun = runs[0]
+        seen["mlflow_run_id"] = mlrun.info.run_id
+        seen["mlflow_artifacts"] = sorted(a.path for a in client.list_artifacts(mlrun.info.run_id))
+        mlflow_ui = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{mlrun.info.run_id}",
+                  wait_until="networkidle")
+        page.wait_for_timeout(3000)
+        page.screenshot(path=str(out / "4-mlflow-run.png"), full_page=True)
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{mlrun.info.run_id}/artifacts",
+                  wait_until="networkidle")
+        page.wait_for_timeout(3000)
+        seen["mlflow_artifacts_page"] = page.inner_text("body")
+        page.screenshot(path=str(out / "5-mlflow-artifacts.png"), full_page=True)
+        browser.close()
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-uri", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    seen = walk(a.model_uri, a.out)
+    (a.out / "seen.json").write_text(json.dumps(seen, indent=2))
+    print(json.dumps({k: v for k, v in seen.items() if "text" not in k and "page" not in k}, indent=2))
+    return 0 if seen["state"] == "COMPLETED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
