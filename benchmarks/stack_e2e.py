@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_seconds = _task_seconds(ids, "log-") + _task_seconds(ids, "register-model") + _task_seconds(ids, "tag-")
     total = sum(stages.values())
     numbers = {
+        "model": name,
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
         "total_s": round(total, 1),
         "recache_triggered_runs": len(triggered),

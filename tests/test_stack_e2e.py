@@ -12,12 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / ".rapidin" / "test-artifacts" / "prefect-mlflow-ui"
 
 
 @pytest.mark.slow
+@pytest.mark.needs(shutil.which("chromium") is not None, "Debian's chromium is not installed (make browser)")
 def test_whole_story_on_the_local_stack(tmp_path):
     stack = tmp_path / "stack"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAPIDIN_", "PREFECT_", "MLFLOW_"))}
@@ -35,6 +39,21 @@ def test_whole_story_on_the_local_stack(tmp_path):
         numbers = json.loads(out.read_text())
         assert numbers["checks"] and all(numbers["checks"].values()), numbers["checks"]
         assert numbers["queues"] == ["gpu-0", "gpu-1"] and numbers["recache_triggered_runs"] >= 1
+        # the reviewer's path in a real browser: the Prefect run form, then the MLflow run it made
+        shutil.rmtree(SCREENSHOTS, ignore_errors=True)
+        uri = f"models:/{numbers['model']}/1"
+        walk = subprocess.run(["bash", "-c", f'source "{stack}/env.sh" && "{sys.executable}" tests/ui_walk.py '
+                               f'--model-uri {uri} --out "{SCREENSHOTS}"'], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert walk.returncode == 0, walk.stdout[-3000:] + walk.stderr[-3000:]
+        seen = json.loads((SCREENSHOTS / "seen.json").read_text())
+        assert seen["state"] == "COMPLETED"
+        assert seen["parameters"]["model"]["uri"] == uri and seen["parameters"]["config"]["top_k"] == 5
+        assert seen["parameters"]["generations"][0]["prompt"].startswith("howdy!")
+        assert "Rows kept per list" in seen["form_text"]  # the field's description from AttributeConfig
+        assert {"attribution.json", "report.html", "topk.parquet"} <= set(seen["mlflow_artifacts"])
+        assert seen["report_in_viewer"], "MLflow's artifact viewer did not show the HTML report"
+        assert len(list(SCREENSHOTS.glob("*.png"))) >= 5
     finally:
         subprocess.run([sys.executable, "-m", "infra.local.stack", "down", "--dir", str(stack)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)

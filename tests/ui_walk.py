@@ -34,6 +34,19 @@ def attribute_deployment() -> dict:
     return dep
 
 
+def submit(page, out: Path, attempts: int = 3) -> None:
+    """Press the form's Submit until the UI leaves the form for the deployment's runs. A Prefect server on sqlite
+    under load may answer one create with "database is locked" (the UI shows a toast): that is retried."""
+    for attempt in range(attempts):
+        page.locator("button[type=submit]").last.click()
+        try:
+            page.wait_for_url(lambda url: not url.rstrip("/").endswith("/run"), timeout=30_000)
+            return
+        except Exception:  # noqa: BLE001 - Playwright's TimeoutError; look at the page and try again
+            page.screenshot(path=str(out / f"2-submit-attempt-{attempt + 1}.png"))
+    raise RuntimeError(f"the run form did not submit in {attempts} attempts (see {out})")
+
+
 def deployment_runs(deployment_id: str) -> list[dict]:
     body = {"deployments": {"id": {"any_": [deployment_id]}}}
     return httpx.post(f"{prefect_api()}/flow_runs/filter", json=body, timeout=30).json()
@@ -85,10 +98,7 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         top.fill(str(top_k))
         page.screenshot(path=str(out / "2-prefect-run-form.png"), full_page=True)
         before = {r["id"] for r in deployment_runs(dep["id"])}
-        page.locator("button[type=submit]").last.click()
-        page.wait_for_timeout(1500)
-        page.screenshot(path=str(out / "2b-after-submit.png"), full_page=True)
-        page.wait_for_url(lambda url: not url.rstrip("/").endswith("/run"))  # back to the deployment's runs
+        submit(page, out)
         run_id = wait_for_new_run(dep["id"], before)
         seen["flow_run_id"] = run_id
         run = wait_for_run(run_id)
@@ -112,10 +122,12 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
                   wait_until="networkidle")
         page.wait_for_timeout(3000)
         page.screenshot(path=str(out / "4-mlflow-run.png"), full_page=True)
-        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{mlrun.info.run_id}/artifacts",
-                  wait_until="networkidle")
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("attribution.json").first.wait_for()
+        page.get_by_text("report.html").first.click()  # MLflow's artifact viewer shows the report inline
         page.wait_for_timeout(3000)
         seen["mlflow_artifacts_page"] = page.inner_text("body")
+        seen["report_in_viewer"] = any("RapidIn attribution" in (f.content() or "") for f in page.frames)
         page.screenshot(path=str(out / "5-mlflow-artifacts.png"), full_page=True)
         browser.close()
     return seen
