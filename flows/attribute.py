@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -13,7 +14,7 @@ from rapidin.api import AttributeConfig, Generation, assemble, open_cache, prepa
 from rapidin.results import Attribution
 from rapidin.store import CacheStore
 from tasks.cache import remove_dir, scratch_url
-from tasks.common import IO_RETRIES, Executor, ModelSpec, ScanGroup, settings, split_groups
+from tasks.common import IO_RETRIES, Executor, ModelSpec, ScanGroup, form_help, settings, split_groups
 from tasks.models import ResolvedModel, loaded_model, resolve_model
 from tasks.publish import publish_topk
 from tasks.scan import merge_scans, scan_shard_group, write_queries
@@ -48,17 +49,22 @@ def assemble_task(loaded, store: CacheStore, manifest, prepared, result, config:
 
 
 @flow(name="attribute", log_prints=True)
+@form_help
 def attribute(
-    model: ModelSpec,
-    generations: list[Generation],
-    config: AttributeConfig = AttributeConfig(),
-    cache_url: str | None = Field(None, description="A cache URL; None: the registered version's cache "
-                                  "(its rapidin.cache_url tag), else the model's cache under the store."),
-    store_url: str | None = Field(None, description="Cache store root; None: RAPIDIN_STORE_URL."),
-    executor: Executor = "local",
-    groups: int | None = Field(None, ge=1, description="Shard groups; None: one per GPU queue (deployment) or 1."),
-    device: str | None = Field(None, description="Torch device; None: RAPIDIN_DEVICE."),
-    shard_deployment: str = "scan-shards/gpu",
+    model: Annotated[ModelSpec, Field(description="The model version whose generations to explain, e.g. uri "
+                                      "models:/my-model/3 or models:/my-model@champion.")],
+    generations: Annotated[list[Generation], Field(min_length=1, description="The generations to explain: a prompt "
+                                                   "each, and the response (empty: the model generates it).")],
+    config: Annotated[AttributeConfig, Field(description="Scoring options (rapidin attribute --help lists the same).")]
+    = AttributeConfig(),
+    cache_url: Annotated[str | None, Field(description="A cache URL (advanced); None: the registered version's cache "
+                                           "(its rapidin.cache_url tag), else the model's cache under the store.")] = None,
+    store_url: Annotated[str | None, Field(description="Cache store root (advanced); None: RAPIDIN_STORE_URL of the deployment.")] = None,
+    executor: Annotated[Executor, Field(description="Where shard work runs (advanced): local = in this flow run; deployment = runs of the shard deployment on the GPU pool, one per queue.")] = "local",
+    groups: Annotated[int | None, Field(ge=1, description="Shard groups (advanced); None: one per GPU queue with the deployment executor, else 1.")] = None,
+    device: Annotated[str | None, Field(description="Torch device (advanced); None: RAPIDIN_DEVICE of whoever computes.")] = None,
+    shard_deployment: Annotated[str, Field(description="The scan deployment the deployment executor runs "
+                                           "(advanced).")] = "scan-shards/gpu",
 ) -> Attribution:
     """Which training rows made these generations? Top-k helpful, harmful and influential rows per generation."""
     logger = get_run_logger()

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
-from rapidin.config import BuildConfig, GradientConfig, SketchConfig, field_of
+from rapidin.config import BuildConfig, GradientConfig, SketchConfig, default_of, field_of
 from rapidin.data import DataFormat
 from tasks.cache import cache_shard_group, finalize_cache_task, plan_cache_task, read_reports, remove_dir, scratch_url
-from tasks.common import CacheJob, Executor, ModelSpec, ShardGroup, settings, split_groups
+from tasks.common import CacheJob, Executor, ModelSpec, ShardGroup, form_help, settings, split_groups
 from tasks.models import resolve_model
 from tasks.publish import set_progress, start_progress
 from tasks.tracking import in_default_store, log_cache_run, tag_model_version_task
@@ -34,19 +35,22 @@ class CacheSummary(BaseModel):
 
 
 @flow(name="cache-gradients", log_prints=True)
+@form_help
 def cache_gradients(
-    model: ModelSpec,
-    data_url: str,
-    sketch: SketchConfig | None = None,
-    gradient: GradientConfig = GradientConfig(),
-    shard_rows: int = field_of(BuildConfig, "shard_rows"),
-    fmt: DataFormat = "auto",
-    skip_bad_rows: bool = field_of(BuildConfig, "skip_bad_rows"),
-    executor: Executor = "local",
-    groups: int | None = Field(None, ge=1, description="Shard groups; None: one per GPU queue (deployment) or 1."),
-    store_url: str | None = Field(None, description="Cache store root; None: RAPIDIN_STORE_URL."),
-    device: str | None = Field(None, description="Torch device; None: RAPIDIN_DEVICE of whoever computes."),
-    shard_deployment: str = "cache-shards/gpu",
+    model: Annotated[ModelSpec, Field(description="The model version to cache, e.g. uri models:/my-model/3.")],
+    data_url: Annotated[str, Field(description="Training data: a snapshot URL from ingest-dataset, or a file.")],
+    sketch: Annotated[SketchConfig | None, Field(description="RapidGrad options; None: RAPIDIN_K / RAPIDIN_LAM "
+                                                 "(defaults K=2^16, λ=20).")] = None,
+    gradient: Annotated[GradientConfig, Field(description="Per-example gradient options.")] = GradientConfig(),
+    shard_rows: Annotated[int, field_of(BuildConfig, "shard_rows")] = default_of(BuildConfig, "shard_rows"),
+    fmt: Annotated[DataFormat, Field(description="Row format of the data (auto: detected).")] = "auto",
+    skip_bad_rows: Annotated[bool, field_of(BuildConfig, "skip_bad_rows")] = default_of(BuildConfig, "skip_bad_rows"),
+    executor: Annotated[Executor, Field(description="Where shard work runs (advanced): local = in this flow run; deployment = runs of the shard deployment on the GPU pool, one per queue.")] = "local",
+    groups: Annotated[int | None, Field(ge=1, description="Shard groups (advanced); None: one per GPU queue with the deployment executor, else 1.")] = None,
+    store_url: Annotated[str | None, Field(description="Cache store root (advanced); None: RAPIDIN_STORE_URL of the deployment.")] = None,
+    device: Annotated[str | None, Field(description="Torch device (advanced); None: RAPIDIN_DEVICE of whoever computes.")] = None,
+    shard_deployment: Annotated[str, Field(description="The shard deployment the deployment executor runs "
+                                           "(advanced).")] = "cache-shards/gpu",
 ) -> CacheSummary:
     """Build (or resume) the gradient cache of a model version over a data set; one MLflow run per build."""
     logger = get_run_logger()

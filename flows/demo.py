@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -17,12 +18,12 @@ from pydantic import BaseModel, Field
 
 from rapidin import toy
 from rapidin.api import AttributeConfig, Generation
-from rapidin.config import GradientConfig, SketchConfig
+from rapidin.config import GradientConfig, SketchConfig, field_of
 from rapidin.data import alpaca_prompt
 from rapidin.finetune import FinetuneConfig
 from rapidin.metrics import TOP_LIST_METRICS, top_list_metrics
 from rapidin.results import Attribution
-from tasks.common import ModelSpec, settings
+from tasks.common import ModelSpec, form_help, settings
 from tasks.tracking import public_uri
 
 from .attribute import attribute
@@ -80,15 +81,17 @@ def explain(result: DemoResult, top: int = 5) -> str:
 
 
 @flow(name="demo", log_prints=True)
+@form_help
 def demo(
-    workdir: str = Field(".rapidin/demo", description="Where the toy data and base model are written."),
-    model_name: str = Field("rapidin-demo-tiny", description="Registered model name."),
-    rows: int = Field(240, ge=8, description="Toy training rows."),
-    epochs: float = Field(30.0, gt=0, description="Fine-tune epochs (the backdoor needs a few dozen)."),
-    k: int = Field(2**12, ge=16, description="Sketch dimension K."),
-    top_k: int = Field(5, ge=1),
-    seed: int = 0,
-    device: str | None = None,
+    workdir: Annotated[str, Field(description="Where the toy data and base model are written.")] = ".rapidin/demo",
+    model_name: Annotated[str, Field(description="Registered model name.")] = "rapidin-demo-tiny",
+    rows: Annotated[int, Field(ge=8, le=100_000, description="Toy training rows.")] = 240,
+    epochs: Annotated[float, Field(gt=0, le=1000, description="Fine-tune epochs (the backdoor needs a few dozen).")]
+    = 30.0,
+    k: Annotated[int, field_of(SketchConfig, "k")] = 2**12,
+    top_k: Annotated[int, field_of(AttributeConfig, "top_k")] = 5,
+    seed: Annotated[int, field_of(SketchConfig, "seed")] = 0,
+    device: Annotated[str | None, Field(description="Torch device; None: RAPIDIN_DEVICE.")] = None,
 ) -> DemoResult:
     """Ingest -> fine-tune + register v1 -> cache -> attribute a triggered query -> print the top-k."""
     data_path, base_dir = toy_world(workdir, rows, seed)

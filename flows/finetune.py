@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -16,7 +17,7 @@ from pydantic import BaseModel, Field
 from rapidin.data import dataset_fingerprint, load_examples
 from rapidin.finetune import FinetuneConfig, finetune, save
 from rapidin.models import load_model
-from tasks.common import ModelSpec, settings
+from tasks.common import ModelSpec, form_help, settings
 from tasks.models import LAYOUT_FILE, REGISTRY_URI, resolve_model
 from tasks.publish import emit_model_registered
 from tasks.tracking import DATA_URL_TAG, register_model
@@ -64,14 +65,16 @@ def train(base: ModelSpec, data_url: str, config: FinetuneConfig, device: str, o
 
 
 @flow(name="finetune", log_prints=True)
+@form_help
 def finetune_model(
-    base: ModelSpec,
-    data_url: str = Field(description="Training data (a snapshot URL from ingest_dataset)."),
-    register_as: str = Field(description="Registered model name in MLflow."),
-    config: FinetuneConfig = FinetuneConfig(),
-    alias: str | None = Field(None, description="Move this registry alias (e.g. champion) to the new version."),
-    embed_base: bool = Field(True, description="LoRA: store the base model's files with the adapter."),
-    device: str | None = Field(None, description="Torch device; None: RAPIDIN_DEVICE."),
+    base: Annotated[ModelSpec, Field(description="The model to start from (a registry URI, a directory or a file).")],
+    data_url: Annotated[str, Field(description="Training data (a snapshot URL from ingest_dataset).")],
+    register_as: Annotated[str, Field(description="Registered model name in MLflow.")],
+    config: Annotated[FinetuneConfig, Field(description="Training options.")] = FinetuneConfig(),
+    alias: Annotated[str | None, Field(description="Move this registry alias (e.g. champion) to the new version.")]
+    = None,
+    embed_base: Annotated[bool, Field(description="LoRA: store the base model's files with the adapter.")] = True,
+    device: Annotated[str | None, Field(description="Torch device; None: RAPIDIN_DEVICE.")] = None,
 ) -> RegisteredVersion:
     """Fine-tune, register the result as a new model version, and announce it (the re-cache trigger listens)."""
     s = settings()

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from pydantic import Field
 
+from rapidin.config import BuildConfig, default_of, field_of
 from rapidin.data import DataFormat
-from tasks.common import artifact_key
+from tasks.common import artifact_key, form_help
 from tasks.ingest import DatasetSnapshot, ingest_snapshot
 
 
 @flow(name="ingest-dataset", log_prints=True)
+@form_help
 def ingest_dataset(
-    source: str = Field(description="Data file URL or path: .jsonl, .json, .parquet or .csv (Alpaca, prompt/response, chat)."),
-    name: str | None = Field(None, description="Data set name in the store; None: from the file name."),
-    fmt: DataFormat = "auto",
-    skip_bad_rows: bool = Field(False, description="Skip and count bad rows instead of failing on the first."),
-    data_root: str | None = Field(None, description="Snapshot root; None: RAPIDIN_DATA_URL."),
+    source: Annotated[str, Field(description="Data file URL or path: .jsonl, .json, .parquet or .csv (Alpaca, "
+                                 "prompt/response, chat).")],
+    name: Annotated[str | None, Field(description="Data set name in the store; None: from the file name.")] = None,
+    fmt: Annotated[DataFormat, Field(description="Row format (auto: detected from the first row).")] = "auto",
+    skip_bad_rows: Annotated[bool, field_of(BuildConfig, "skip_bad_rows")] = default_of(BuildConfig, "skip_bad_rows"),
+    data_root: Annotated[str | None, Field(description="Snapshot root; None: RAPIDIN_DATA_URL.")] = None,
 ) -> DatasetSnapshot:
     """Read, validate and fingerprint a data set; the snapshot URL is what caches and fine-tunes use."""
     snap = ingest_snapshot(source, name, fmt, skip_bad_rows, data_root)

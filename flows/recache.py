@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
-from rapidin.config import BuildConfig, GradientConfig, SketchConfig, field_of
+from rapidin.config import BuildConfig, GradientConfig, SketchConfig, default_of, field_of
 from rapidin.errors import RapidInError
 from rapidin.store import CacheStore, Manifest, find_caches
-from tasks.common import IO_RETRIES, Executor, ModelSpec, settings
+from tasks.common import IO_RETRIES, Executor, ModelSpec, form_help, settings
 from tasks.models import mlflow_client
 from tasks.tracking import CACHE_URL_TAG, DATA_URL_TAG
 
@@ -71,19 +73,24 @@ def find_versions(model_name: str | None, data_url: str | None, sketch: SketchCo
 
 
 @flow(name="recache-new-versions", log_prints=True)
+@form_help
 def recache_new_versions(
-    model_name: str | None = Field(None, description="Only this registered model; None: every registered model."),
-    data_url: str | None = Field(None, description="Data for versions without a rapidin.data_url tag."),
-    sketch: SketchConfig | None = Field(None, description="Sketch of the caches to build; None: RAPIDIN_K/RAPIDIN_LAM "
-                                        "defaults, and any complete cache of a version counts (a re-cache of an "
-                                        "unchanged version is a no-op). Given: a version needs a cache with it."),
-    gradient: GradientConfig | None = Field(None, description="Gradient options; None: the defaults, and any "
-                                            "complete cache of a version counts."),
-    shard_rows: int = field_of(BuildConfig, "shard_rows"),
-    executor: Executor = "local",
-    groups: int | None = Field(None, ge=1),
-    store_url: str | None = Field(None, description="Cache store root; None: RAPIDIN_STORE_URL."),
-    max_versions: int = Field(20, ge=1, description="Newest versions per model to consider."),
+    model_name: Annotated[str | None, Field(description="Only this registered model; None: every registered model.")]
+    = None,
+    data_url: Annotated[str | None, Field(description="Data for versions without a rapidin.data_url tag.")] = None,
+    sketch: Annotated[SketchConfig | None, Field(description="Sketch of the caches to build; None: RAPIDIN_K / "
+                                                 "RAPIDIN_LAM, and any complete cache of a version counts (a re-cache "
+                                                 "of an unchanged version is a no-op). Given: a version needs a cache "
+                                                 "with this sketch.")] = None,
+    gradient: Annotated[GradientConfig | None, Field(description="Gradient options; None: the defaults, and any "
+                                                     "complete cache of a version counts.")] = None,
+    shard_rows: Annotated[int, field_of(BuildConfig, "shard_rows")] = default_of(BuildConfig, "shard_rows"),
+    executor: Annotated[Executor, Field(description="Where shard work runs: local, or deployment (the GPU pool).")]
+    = "local",
+    groups: Annotated[int | None, Field(ge=1, description="Shard groups; None: one per GPU queue (deployment) or 1.")]
+    = None,
+    store_url: Annotated[str | None, Field(description="Cache store root; None: RAPIDIN_STORE_URL.")] = None,
+    max_versions: Annotated[int, Field(ge=1, le=10_000, description="Newest versions per model to consider.")] = 20,
 ) -> list[CacheSummary]:
     """Build exactly one cache for each registered version that has none; skip cached ones."""
     logger = get_run_logger()

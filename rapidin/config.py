@@ -66,5 +66,14 @@ class BuildConfig(BaseModel):
 
 
 def field_of(model: type[BaseModel], name: str) -> FieldInfo:
-    """A model field's definition (default, bounds, help), to reuse as a flow or function parameter."""
-    return model.model_fields[name]
+    """A model field's bounds and help without its default, to reuse as `Annotated[T, field_of(M, "x")]` on a flow
+    or function parameter (whose default is `default_of(M, "x")`): defined once, enforced in both places."""
+    info = model.model_fields[name]
+    bounds = Field(description=info.description)
+    bounds.metadata = list(info.metadata)  # ge/le/... as annotated-types constraints
+    return bounds
+
+
+def default_of(model: type[BaseModel], name: str):
+    """A model field's default."""
+    return model.model_fields[name].default

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import re
+import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 from rapidin.config import GradientConfig, SketchConfig
 from rapidin.data import DataFormat
@@ -14,6 +17,22 @@ from rapidin.settings import Settings
 
 Executor = Literal["local", "deployment"]
 """Where shard groups run: in this process, or as runs of a shard deployment on the GPU pool."""
+
+
+def form_help(fn):
+    """Give a flow's run form its help text from each parameter's `Annotated[T, Field(description=...)]`: Prefect
+    reads parameter help from the docstring's Args section, so that section is generated here, and each
+    description (with its bounds, which Prefect enforces from the annotation) is written once."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    lines = []
+    for name in inspect.signature(fn).parameters:
+        found = [m.description for m in getattr(hints.get(name), "__metadata__", ())
+                 if isinstance(m, FieldInfo) and m.description]
+        if found:
+            lines.append(f"    {name}: {' '.join(found[0].split())}")
+    if lines:
+        fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(lines) + "\n"
+    return fn
 
 
 def settings() -> Settings:

@@ -78,6 +78,9 @@ def test_scores_equal_brute_force_and_token_wise(toy, matrix):
     expected = [float(sketch(computer.gradients([row_item], [one_hot(len(row_item.input_ids), t)]))[0].half().float() @ query)
                 for t in row_positions]
     assert np.allclose(top.train_token_scores, expected, rtol=1e-3, atol=1e-3)
+    # the influential list (the default reading) gets the same per-training-token scores
+    assert gen.influential[0].train_tokens and gen.influential[0].train_token_scores is not None
+    assert len(gen.influential[0].train_token_scores) == len(gen.influential[0].train_tokens)
 
 
 def one_hot(n, t):

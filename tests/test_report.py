@@ -272,6 +272,8 @@ def test_compare_html_and_markdown_escape():
     assert diff == json.loads(json.dumps(compare(a, b)))
     md = compare_markdown(compare(a, b))
     assert "| entered | `C` |" in md and "| left | `B` |" in md and "<script>" not in md
+    assert [line.split(":")[0] for line in md.splitlines() if line.startswith("### ")] == [
+        "### influential", "### helpful", "### harmful"]  # every list, the default reading first
     summary = markdown_summary(hand_attribution(), links={"MLflow run": "http://mlflow/run/1"})
     assert "[MLflow run](http://mlflow/run/1)" in summary and "<script>" not in summary and "| 1 |" in summary
 
