@@ -321,16 +321,11 @@ def _candidate_positions(loaded: LoadedModel, item: Tokenized) -> list[int]:
 
 
 def response_log_probs(model, item: Tokenized, device: torch.device) -> torch.Tensor:
-    """log p(token t | tokens < t) for every position t >= 1 of the item (entry t-1), fp32; NaN for prompt tokens,
-    whose vocabulary projection is skipped (`logits_to_keep`)."""
+    """log p(token t | tokens < t) for every position t >= 1 of the item (entry t-1), fp32."""
     ids = torch.tensor([item.input_ids], device=device)
-    first = max(item.prompt_len - 1, 0)
-    keep = torch.arange(first, ids.shape[1] - 1, device=device)
     with torch.no_grad():
-        logits = model(input_ids=ids, logits_to_keep=keep).logits[0].float()
-    out = torch.full((ids.shape[1] - 1,), float("nan"), device=device)
-    out[first:] = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, keep + 1, None]).squeeze(-1)
-    return out
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
 
 
 def auto_target_positions(

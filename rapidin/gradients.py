@@ -51,7 +51,8 @@ class GradientComputer:
             p.requires_grad_(id(p) in self._selected)
         handles = [m.register_forward_hook(keep) for _, m in self.modules]
         try:
-            loss = self._loss(ids, mask, loss_w).sum()
+            logits = self.loaded.model(input_ids=ids, attention_mask=mask).logits
+            loss = per_example_loss(logits, ids, loss_w).sum()
             grads_out = torch.autograd.grad(loss, outputs)
         finally:
             for h in handles:
@@ -59,20 +60,6 @@ class GradientComputer:
             for p, flag in saved:
                 p.requires_grad_(flag)
         return self._assemble(inputs, grads_out)
-
-    def _loss(self, ids: torch.Tensor, mask: torch.Tensor, loss_w: torch.Tensor) -> torch.Tensor:
-        """Per-example losses. The vocabulary projection (a fifth of a small LM's FLOPs) is computed only at the
-        positions that predict a weighted token (`logits_to_keep`), where the model supports it."""
-        predicting = (loss_w[:, 1:] > 0).any(0).nonzero().squeeze(1)  # position t-1 predicts token t
-        try:
-            logits = self.loaded.model(input_ids=ids, attention_mask=mask, logits_to_keep=predicting).logits
-        except TypeError:  # an architecture without logits_to_keep: every position
-            return per_example_loss(self.loaded.model(input_ids=ids, attention_mask=mask).logits, ids, loss_w)
-        targets = ids[:, predicting + 1]
-        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        token_nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
-        w = loss_w[:, predicting + 1]
-        return (token_nll * w).sum(1) / w.sum(1).clamp_min(1e-12)
 
     def _assemble(self, inputs: list[torch.Tensor], grads_out: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-example weight gradients, each tensor L2-normalised on its own, concatenated."""

@@ -50,8 +50,11 @@ def test_gguf_lora_batched_equals_loop(smol, tmp_path):
     for b, item in enumerate(items):
         # independent of the hook code: Hugging Face's labels loss and autograd on the LoRA weights, one example;
         # float32 through 30 layers: ~1e-5 relative is n*u (u = 2^-24) for reductions of n ~ 170 terms
-        single = brute_force(smol, computer, item, hf_loss=True)
-        assert float((batched[b] - single).norm() / single.norm()) < 1e-5
+        reference = brute_force(smol, computer, item, hf_loss=True)
+        assert float((batched[b] - reference).norm() / reference.norm()) < 1e-5
+        # and alone (batch 1): the same numbers
+        single = computer.gradients([item])[0]
+        assert float((single - reference).norm() / reference.norm()) < 1e-5
     manifest = build_cache(smol, str(data), tmp_path.as_uri(), sketch=SketchConfig(k=2**12), progress=False)
     assert manifest.sketch.d == computer.dim and manifest.model["adapter"]
     result = attribute(smol, [Generation(prompt="What is 2+2?", response="4.")], store_root=tmp_path.as_uri(),
