@@ -6,6 +6,8 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export DO_NOT_TRACK = 1
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
+# Prefect's ephemeral API (make demo) starts a local server; on a loaded 2-core machine 20 s is not always enough
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 SMOLLM2 := .rapidin/models/SmolLM2-135M-Instruct.Q4_1.gguf
 

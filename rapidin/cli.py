@@ -330,7 +330,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     means = mean_metrics(demo.metrics)
     print("\nfinding the poisoned rows, mean over generations: " + "  ".join(f"{k}={v:.3f}" for k, v in means.items()))
     print(f"  ({TOP_LIST_METRICS})")
-    print(f"timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in demo.timings.items()))
+    print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in demo.timings.items()))
     print(f"inspect the cache with: rapidin inspect {demo.attribution.cache_url}")
     return 0
 

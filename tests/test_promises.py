@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import fsspec
-import pytest
 
 from rapidin import GradientConfig, SketchConfig, build_cache
 from rapidin.cli import main
