@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from uuid import UUID
 
 from prefect import task
+from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
@@ -74,8 +76,7 @@ def build_group(group: ShardGroup, on_progress=None) -> GroupReport:
     t0 = time.perf_counter()
     plan, loaded, load_seconds = plan_job(group.job)
 
-    rows = {"done": 0, "total": sum(plan.manifest.shard_range(i)[1] - plan.manifest.shard_range(i)[0]
-                                    for i in group.shards)}
+    rows = {"done": 0, "total": sum(b - a for a, b in map(plan.manifest.shard_range, group.shards))}
 
     def on_shard(info, done: int, total: int) -> None:
         rows["done"] += info.stop - info.start
@@ -104,10 +105,6 @@ def cache_shard_group(group: ShardGroup, progress_artifact: str | None = None, o
         logger.info("group %d: %d/%d shards, %d/%d rows, %.1f rows/s, ETA %.0f s", group.group, done, n, rows,
                     rows_total, rows / elapsed, elapsed / max(rows, 1) * (rows_total - rows))
         if progress_artifact:
-            from uuid import UUID
-
-            from prefect.artifacts import update_progress_artifact
-
             update_progress_artifact(UUID(progress_artifact), 100.0 * (offset + done) / max(total, 1))
     report = build_group(group, update)
     logger.info("group %d: shards %s, %d rows in %.1fs", group.group, group.shards, report.rows, report.seconds)
