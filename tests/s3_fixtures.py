@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from infra.local.stack import S3Service, start_seaweedfs
+from infra.local.s3 import S3Service, start_seaweedfs
 
 
 @pytest.fixture(scope="session")

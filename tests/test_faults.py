@@ -22,7 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from infra.local.stack import S3Service, start_mlflow_server, start_seaweedfs
+from infra.local.mlflow_server import start_mlflow_server
+from infra.local.s3 import S3Service, start_seaweedfs
 
 pytest_plugins = ["tests.s3_fixtures", "tests.flow_fixtures"]
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from infra.local.stack import S3Service, pid_alive, start_mlflow_server, start_prefect_server, stop_pid
+from infra.local.mlflow_server import start_mlflow_server
+from infra.local.prefect_server import start_prefect_server
+from infra.local.processes import pid_alive, stop_pid
+from infra.local.s3 import S3Service
 
 # Idempotent with a root conftest that lists the same plugin (pytest registers a module once).
 pytest_plugins = ["tests.s3_fixtures"]
@@ -61,7 +64,7 @@ IGNORE_TERM = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN)
 @pytest.fixture()
 def signals_sent(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The signals stop_pid sends, in order (behaviour, not timing: a loaded machine cannot break it)."""
-    import infra.local.stack as stack
+    import infra.local.processes as stack
 
     sent: list[int] = []
     real = stack._send

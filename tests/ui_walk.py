@@ -72,6 +72,24 @@ def wait_for_run(run_id: str, timeout: float = 600) -> dict:
     raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
 
 
+def _content(frame) -> str:
+    """A frame's HTML, or '' while it navigates or after it went away."""
+    try:
+        return frame.content() or ""
+    except Exception:  # noqa: BLE001 - Playwright's Error for a detached or navigating frame
+        return ""
+
+
+def report_shown(page, timeout: float = 60) -> bool:
+    """True once a frame of the page (MLflow renders HTML artifacts in an iframe) holds the report."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any("RapidIn attribution" in _content(f) for f in page.frames):
+            return True
+        page.wait_for_timeout(250)
+    return False
+
+
 def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
     """Fill and submit the Prefect form, then read the MLflow run; returns what was seen (for the test)."""
     from playwright.sync_api import sync_playwright
@@ -105,7 +123,7 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         seen["state"] = run["state_type"]
         seen["parameters"] = run["parameters"]
         page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle")
-        page.wait_for_timeout(2000)
+        page.get_by_text(run["name"]).first.wait_for()
         page.screenshot(path=str(out / "3-prefect-flow-run.png"), full_page=True)
 
         from mlflow.tracking import MlflowClient
@@ -120,14 +138,13 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         mlflow_ui = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
         page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{mlrun.info.run_id}",
                   wait_until="networkidle")
-        page.wait_for_timeout(3000)
+        page.get_by_text(mlrun.info.run_name).first.wait_for()
         page.screenshot(path=str(out / "4-mlflow-run.png"), full_page=True)
         page.get_by_text("Artifacts", exact=True).first.click()
         page.get_by_text("attribution.json").first.wait_for()
         page.get_by_text("report.html").first.click()  # MLflow's artifact viewer shows the report inline
-        page.wait_for_timeout(3000)
+        seen["report_in_viewer"] = report_shown(page)
         seen["mlflow_artifacts_page"] = page.inner_text("body")
-        seen["report_in_viewer"] = any("RapidIn attribution" in (f.content() or "") for f in page.frames)
         page.screenshot(path=str(out / "5-mlflow-artifacts.png"), full_page=True)
         browser.close()
     return seen
