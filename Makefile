@@ -47,17 +47,12 @@ ui: install
 	.venv/bin/prefect server start --host 127.0.0.1 --port 4200 & \
 	echo "MLflow: http://127.0.0.1:5000   Prefect: http://127.0.0.1:4200"; wait
 
-# Two pytest-xdist workers: a third of the suite waits on service start-up and Prefect dispatch, which the
-# other worker's compute fills (groups and order: tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
-
 test: install browser smollm2
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q
 
 # The edit-test loop: unit and exactness tests on the tiny model; no services, no model download.
 test-fast: install
-	$(PY) -m pytest -q $(XDIST) -m "not slow and not services and not smollm2 and not browser"
+	$(PY) -m pytest -q -m "not slow and not services and not smollm2 and not browser"
 
 # Rewrite constraints.txt from the current .venv (after a deliberate upgrade); torch stays at the CPU pin.
 lock:

@@ -27,18 +27,6 @@ MODULE_NEEDS = {"test_faults": "services", "test_flows": "services", "test_stack
                 "test_stack_e2e": "services",
                 "test_gguf": "smollm2", "test_quality_howdy": "smollm2"}
 SERVICE_FIXTURES = {"seaweed_s3"}
-# `make test` runs the suite on two pytest-xdist workers. Modules that share an expensive session fixture form one
-# group, run by one worker, so the fixture is built once: the dequantised SmolLM2, the Prefect API with its fine-tuned
-# and cached pipeline model, the trained toy. Every other module is a group of its own (its module fixtures are built
-# once too). Groups are handed out longest first, so the two longest start together.
-SHARED_GROUPS = {"test_stack_e2e": "stack-e2e", "test_quality_howdy": "smollm2", "test_gguf": "smollm2",
-                 "test_flows": "pipeline", "test_faults": "pipeline",
-                 "test_attribute": "trained-toy", "test_autotarget": "trained-toy", "test_promises": "trained-toy"}
-LONGEST_FIRST = ["stack-e2e", "smollm2", "pipeline", "trained-toy"]
-
-
-def _group(module: str) -> str:
-    return SHARED_GROUPS.get(module, module)
 
 
 def _module(item) -> str:
@@ -46,30 +34,13 @@ def _module(item) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark each test with what it needs (see MODULE_NEEDS), for `make test-fast`; put the LONGEST_FIRST groups
-    first (the sort is stable: the other modules keep file order)."""
+    """Mark each test with what it needs (see MODULE_NEEDS), for `make test-fast`."""
     for item in items:
         need = MODULE_NEEDS.get(_module(item))
         if need:
             item.add_marker(need)
         if SERVICE_FIXTURES & set(item.fixturenames):
             item.add_marker("services")
-    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_group(_module(item)), len(rank)))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """xdist's scope scheduler with SHARED_GROUPS as the scopes, in collection order. (Its own `xdist_group` mark
-    does nothing under pytest 9: it renames `item._nodeid`, which pytest 9 no longer reads.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class SharedFixtureScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _group(nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py"))
-
-    config.option.loadscopereorder = False  # keep LONGEST_FIRST, not xdist's order by test count
-    return SharedFixtureScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)

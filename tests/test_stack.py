@@ -1,4 +1,4 @@
-"""The local real-service stack: SeaweedFS through s3fs, process stopping, Prefect + MLflow servers."""
+"""The local real-service stack: SeaweedFS through s3fs, and stopping processes (the servers start in test_stack_e2e)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,10 @@ import signal
 import subprocess
 import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import fsspec
 import pytest
 
-from infra.local.mlflow_server import start_mlflow_server
-from infra.local.prefect_server import start_prefect_server
 from infra.local.processes import pid_alive, stop_pid
 from infra.local.s3 import S3Service
 
@@ -120,38 +116,3 @@ def test_stop_pid_refuses_a_reused_pid() -> None:
         proc.kill()
         proc.wait()
         proc.stdout.close()
-
-
-@pytest.mark.slow
-def test_prefect_and_mlflow_servers_with_s3_artifacts(
-    seaweed_s3: S3Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Both servers come up healthy, an MLflow artifact lands in the S3 bucket, and stop leaves no pid."""
-    import httpx
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("DO_NOT_TRACK", "1")
-    with ThreadPoolExecutor(2) as ex:  # start-ups overlap: both mostly wait on imports and migrations
-        f_pf = ex.submit(start_prefect_server, tmp_path / "prefect", ui=False)
-        f_ml = ex.submit(start_mlflow_server, tmp_path / "mlflow", seaweed_s3)
-        services = [f.result() for f in (f_pf, f_ml)]
-    prefect, mlflow = services
-    try:
-        assert httpx.get(f"{prefect.url}/health", timeout=5).json() is True
-        assert httpx.get(f"{mlflow.url}/health", timeout=5).status_code == 200
-
-        client = MlflowClient(tracking_uri=mlflow.url)
-        exp = client.create_experiment(f"stack-{uuid.uuid4().hex[:8]}")
-        run = client.create_run(exp)
-        client.log_text(run.info.run_id, "influence!", "notes/hello.txt")
-        client.set_terminated(run.info.run_id)
-
-        s3 = seaweed_s3.client()
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=seaweed_s3.bucket, Prefix="mlflow/")["Contents"]]
-        key = next(k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/notes/hello.txt"))
-        assert s3.get_object(Bucket=seaweed_s3.bucket, Key=key)["Body"].read() == b"influence!"
-    finally:
-        for svc in services:
-            svc.stop()
-    assert not any(pid_alive(s.pid) for s in services)

@@ -4,7 +4,9 @@ ingest -> fine-tune + register (event) -> event-triggered re-cache fanned out to
 fanned out; the script itself asserts the cache and MLflow artifacts are in the S3 bucket, both queues ran shard
 runs, the deployments carry prefect.yaml's schedule, concurrency limit and event trigger, the triggered run took its
 model_name from the event, the fanned-out cache has the bytes of an in-process build, and the merged token-wise
-attribution equals the in-process one in every field."""
+attribution equals the in-process one in every field; then `stack down` leaves no process behind. (Each server's own
+start-up is covered here too: this is the test of start_seaweedfs/start_mlflow_server/start_prefect_server through
+`stack up`.)"""
 
 import json
 import os
@@ -15,6 +17,8 @@ from pathlib import Path
 import shutil
 
 import pytest
+
+from infra.local.processes import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / ".rapidin" / "test-artifacts" / "prefect-mlflow-ui"
@@ -51,9 +55,16 @@ def test_whole_story_on_the_local_stack(tmp_path):
         assert seen["parameters"]["model"]["uri"] == uri and seen["parameters"]["config"]["top_k"] == 5
         assert seen["parameters"]["generations"][0]["prompt"].startswith("howdy!")
         assert "Rows kept per list" in seen["form_text"]  # the field's description from AttributeConfig
-        assert {"attribution.json", "report.html", "topk.parquet"} <= set(seen["mlflow_artifacts"])
+        assert {"attribution.json", "report.html", "topk.parquet", "generations.json"} <= set(seen["mlflow_artifacts"])
+        # the deployment's executor `auto` scanned this small cache in-process; the run names its flow run
+        assert seen["mlflow_params"]["executor"] == "auto" and seen["mlflow_params"]["executor_used"] == "local"
+        assert seen["mlflow_params"]["model_uri"] == uri and seen["mlflow_run_name"].startswith(f"attribute {uri} · ")
         assert seen["report_in_viewer"], "MLflow's artifact viewer did not show the HTML report"
         assert len(list(SCREENSHOTS.glob("*.png"))) >= 5
     finally:
-        subprocess.run([sys.executable, "-m", "infra.local.stack", "down", "--dir", str(stack)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+        state = stack / "state.json"
+        pids = [svc["pid"] for svc in json.loads(state.read_text())["services"]] if state.exists() else []
+        down = subprocess.run([sys.executable, "-m", "infra.local.stack", "down", "--dir", str(stack)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert pids and not any(pid_alive(pid) for pid in pids), "`stack down` left a service running"

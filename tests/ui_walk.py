@@ -135,6 +135,8 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         mlrun = runs[0]
         seen["mlflow_run_id"] = mlrun.info.run_id
         seen["mlflow_artifacts"] = sorted(a.path for a in client.list_artifacts(mlrun.info.run_id))
+        seen["mlflow_params"] = dict(mlrun.data.params)
+        seen["mlflow_run_name"] = mlrun.info.run_name
         mlflow_ui = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
         page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{mlrun.info.run_id}",
                   wait_until="networkidle")
