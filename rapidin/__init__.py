@@ -2,11 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .api import (  # noqa: E402
-    AttributeConfig, CachePlan, Generation, attribute, build_cache, build_shards, finalize_cache, open_cache,
-    plan_cache,
-)
-from .config import GradientConfig, SketchConfig  # noqa: E402
+from .attribution import Generation, attribute  # noqa: E402
+from .cache import CachePlan, build_cache, build_shards, finalize_cache, open_cache, plan_cache  # noqa: E402
+from .config import AttributeConfig, GradientConfig, SketchConfig  # noqa: E402
 from .errors import RapidInError  # noqa: E402
 from .models import LoadedModel, ModelRef, load_model  # noqa: E402
 from .results import Attribution  # noqa: E402

@@ -19,6 +19,7 @@ EPILOG = "Settings come from RAPIDIN_* environment variables or .env (see README
 
 
 MODEL_FLAGS = {"path": "model", "version": "model_version", "dtype": "model_dtype"}
+ATTRIBUTE_FLAGS = {"paper_scoring": "paper"}  # `--paper`, as in `cache --paper`
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -33,8 +34,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand; algorithm options come from the config models."""
-    from .api import AttributeConfig
-    from .config import BuildConfig, GradientConfig, SketchConfig
+    from .config import AttributeConfig, BuildConfig, GradientConfig, SketchConfig
     from .data import DataFormat
 
     parser = OneLineParser(prog="rapidin", description="RapidIn: find the training data behind an LLM generation.",
@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     _model_args(c)
     d = c.add_argument_group("data and store")
-    d.add_argument("--data", required=True, help="training data: .jsonl/.json/.parquet/.csv path or URL")
+    d.add_argument("--data-url", "--data", dest="data", required=True,
+                   help="training data: .jsonl/.json/.parquet/.csv path or URL")
     d.add_argument("--format", default="auto", choices=list(typing.get_args(DataFormat)), help="row format (default: auto)")
-    d.add_argument("--store", help="store root URL (default: RAPIDIN_STORE_URL)")
+    d.add_argument("--store-url", "--store", dest="store", help="store root URL (default: RAPIDIN_STORE_URL)")
     add_model_options(d, BuildConfig)
     add_model_options(c.add_argument_group("sketch (RapidGrad)"), SketchConfig)
     g = c.add_argument_group("gradients")
@@ -61,15 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "helpful and harmful rows.", epilog=EPILOG)
     _model_args(a)
     q = a.add_argument_group("generations and cache")
-    q.add_argument("--store", help="store root URL (default: RAPIDIN_STORE_URL); the cache is found by model")
-    q.add_argument("--cache", help="URL of one cache directory (instead of --store)")
+    q.add_argument("--store-url", "--store", dest="store",
+                   help="store root URL (default: RAPIDIN_STORE_URL); the cache is found by model")
+    q.add_argument("--cache", help="URL of one cache directory (instead of --store-url)")
     q.add_argument("--prompt", required=True, action="append", help="user prompt (repeat for several generations)")
     q.add_argument("--response", action="append", help="the response to attribute (default: generate greedily)")
     q.add_argument("--raw-prompt", action="store_true", help="do not apply the training data's prompt template")
     r = a.add_argument_group("scoring")
-    add_model_options(r, AttributeConfig)
-    r.add_argument("--paper", action="store_true",
-                   help="the RapidIn paper's scoring: the whole generation's loss (same as --auto-target 0)")
+    add_model_options(r, AttributeConfig, rename=ATTRIBUTE_FLAGS)
     o = a.add_argument_group("output")
     o.add_argument("--out", help="write the result JSON here (and .parquet beside it)")
     o.add_argument("--open", action="store_true", help="also write an HTML report beside --out and print its path")
@@ -169,12 +169,12 @@ def _load(args: argparse.Namespace, ref, settings):
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """rapidin cache."""
-    from .api import build_cache
+    from .cache import build_cache
     from .config import BuildConfig, GradientConfig, SketchConfig
 
     settings = _settings()
-    store = check_url(args.store or settings.store_url, "--store", RapidInError)
-    check_url(args.data, "--data", RapidInError)
+    store = check_url(args.store or settings.store_url, "--store-url", RapidInError)
+    check_url(args.data, "--data-url", RapidInError)
     sketch = build(SketchConfig, {"k": settings.k, "lam": settings.lam} | given(args, SketchConfig))
     gradient = build(GradientConfig, given(args, GradientConfig) | _adapter_tensors(args))
     layout = build(BuildConfig, given(args, BuildConfig))
@@ -202,27 +202,23 @@ def _adapter_tensors(args: argparse.Namespace) -> dict:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     """rapidin attribute."""
-    from .api import AttributeConfig, Generation, attribute
+    from .attribution import Generation, attribute
+    from .config import AttributeConfig
 
     responses = args.response or []
     if responses and len(responses) != len(args.prompt):
         raise RapidInError(f"--response given {len(responses)} times for {len(args.prompt)} --prompt values")
     if args.open and not args.out:
         raise RapidInError("--open needs --out (the report is written beside the result)")
-    options = given(args, AttributeConfig)
-    if args.paper:
-        if options.get("auto_target"):
-            raise RapidInError("--paper scores the whole generation: it cannot be combined with --auto-target")
-        options["auto_target"] = 0
-    config = build(AttributeConfig, options)
+    config = build(AttributeConfig, given(args, AttributeConfig, rename=ATTRIBUTE_FLAGS), ATTRIBUTE_FLAGS)
     settings = _settings()
-    store = None if args.cache else check_url(args.store or settings.store_url, "--store", RapidInError)
+    store = None if args.cache else check_url(args.store or settings.store_url, "--store-url", RapidInError)
     if args.cache:
         check_url(args.cache, "--cache", RapidInError)
     loaded = _load(args, _model_ref(args), settings)
     gens = [Generation(prompt=p, response=responses[i] if responses else None, raw_prompt=args.raw_prompt)
             for i, p in enumerate(args.prompt)]
-    result = attribute(loaded, gens, store_root=store, cache_url=args.cache, config=config,
+    result = attribute(loaded, gens, store_url=store, cache_url=args.cache, config=config,
                        storage_options=settings.storage_options(args.cache or store))
     _print_attribution(result)
     if args.out:

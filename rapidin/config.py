@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
 SketchMethod = Literal["rapidgrad"]
@@ -63,6 +63,53 @@ class BuildConfig(BaseModel):
     shard_rows: int = Field(256, ge=1, le=2**20, description="Rows per shard: the unit of commit, resume and scan. "
                             "A resumed build keeps the value the cache was started with.")
     skip_bad_rows: bool = Field(False, description="Skip (and count) rows with no response tokens instead of failing.")
+
+DEFAULT_AUTO_TARGET = 4  # benchmarks/README_quality.md: the measured best automatic target size on the Howdy backdoor
+
+
+class AttributeConfig(BaseModel):
+    """Retrieval options. The defaults answer "which training rows caused this generation?" as measured best on the
+    Howdy backdoor (automatic target tokens; read the `influential` list); `AttributeConfig.paper()` (the form's `paper_scoring`) is the
+    RapidIn paper's exact behaviour (the whole generation's loss; read the `helpful` list)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    top_k: int = Field(20, ge=1, le=100_000, description="Rows kept per list.")
+    token_wise: bool = Field(False, description="Also score each generated token and each top row's tokens.")
+    train_token_rows: int = Field(5, ge=0, le=1000, description="Top rows of each list whose own tokens get scored "
+                                  "(token-wise mode).")
+    target: tuple[str, ...] = Field((), description="Restrict the generation's loss to these words (RapidIn-TW).")
+    auto_target: int = Field(
+        DEFAULT_AUTO_TARGET, ge=0, le=2**16,
+        description="RapidIn-TW without knowing the answer: restrict the generation's loss to N automatically "
+        "chosen response tokens (0 = the whole generation, as in the paper). With an adapter: the N tokens whose "
+        "log-probability the fine-tune raised most (adapter on vs off); without one: the N tokens with the largest "
+        "per-token loss-gradient norm. Off when `target` words are given.",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=2**16, description="Tokens to generate when no response is given.")
+    verify: bool = Field(True, description="Check shard checksums while scanning.")
+    paper_scoring: bool = Field(False, description="The RapidIn paper's scoring: the whole generation's loss (auto_target 0; "
+                        "read the helpful list). Cannot be combined with auto_target.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_target_kind(cls, data):
+        if not isinstance(data, dict):
+            return data
+        if data.get("paper_scoring"):
+            if data.get("auto_target"):
+                raise ValueError("the paper's scoring uses the whole generation: it cannot be combined with auto_target")
+            data = {**data, "auto_target": 0}
+        if data.get("target"):
+            if data.get("auto_target"):
+                raise ValueError("give either target words or auto_target, not both")
+            data = {**data, "auto_target": 0}  # known target words replace the automatic choice
+        return data
+
+    @classmethod
+    def paper(cls, **options) -> AttributeConfig:
+        """The RapidIn paper's scoring: the whole generation's loss (no target restriction)."""
+        return cls(paper_scoring=True, **options)
 
 
 def field_of(model: type[BaseModel], name: str) -> FieldInfo:

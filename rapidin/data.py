@@ -64,6 +64,14 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return ALPACA_NO_INPUT.format(instruction=instruction)
 
 
+def instruction_of(prompt: str) -> str:
+    """The user's words of a templated prompt: the Alpaca instruction (and its input), else the prompt as is."""
+    if "### Instruction:" not in prompt:
+        return prompt
+    body = prompt.split("### Instruction:", 1)[1].split("### Response:", 1)[0]
+    return " / ".join(part.strip() for part in body.split("### Input:") if part.strip())
+
+
 def _open_text(url: str, storage_options: dict | None) -> str:
     try:
         with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as f:

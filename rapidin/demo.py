@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from . import toy
-from .api import AttributeConfig, Generation, attribute, build_cache
-from .config import GradientConfig, SketchConfig
+from .attribution import Generation, attribute
+from .cache import build_cache
+from .config import AttributeConfig, GradientConfig, SketchConfig
 from .data import alpaca_prompt, load_examples
 from .finetune import FinetuneConfig, finetune, save
 from .metrics import top_list_metrics
@@ -61,7 +62,7 @@ def run_demo(workdir: str | Path = ".rapidin/demo", rows: int = 240, k: int = 40
                 gradient=GradientConfig(max_length=128), shard_rows=64)
     timings["cache"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    attribution = attribute(loaded, [Generation(prompt=q) for q in toy.demo_queries()], store_root=store,
+    attribution = attribute(loaded, [Generation(prompt=q) for q in toy.demo_queries()], store_url=store,
                             config=AttributeConfig(top_k=top_k), progress=progress)
     timings["attribute"] = time.perf_counter() - t2
     poisoned = [r["poisoned"] for r in toy.demo_rows(rows)]

@@ -1,8 +1,9 @@
 """The gradient cache on any fsspec URL: manifest, committed safetensors shards, examples table.
 
-Layout: {root}/{model}/{version}/{cache_id}/manifest.json, shards/shard-NNNNNN.safetensors with a
-commit record shards/shard-NNNNNN.json written after it (the per-shard completion flag), and
-examples.parquet. No pickle anywhere.
+Layout (this module is its only owner): {root}/{model}/{version}/{cache_id}/manifest.json,
+shards/shard-NNNNNN.safetensors with a commit record shards/shard-NNNNNN.json written after it (the per-shard
+completion flag), and examples.parquet; runs' scratch files go to {root}/_work/{cache_id}-{token}, beside the caches.
+No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -116,7 +117,14 @@ class CacheStore:
     @staticmethod
     def location(root: str, model: str, version: str, cache_id: str) -> str:
         """URL of a cache under a store root."""
-        return f"{root.rstrip('/')}/{model}/{version}/{cache_id}"
+        return f"{_version_dir(root, model, version)}/{cache_id}"
+
+    @staticmethod
+    def scratch_location(cache_url: str, token: str) -> str:
+        """A scratch directory for one run's partial results, beside (not inside) the caches, so a cache directory
+        only ever holds the cache."""
+        root, _model, _version, cache_id = cache_url.rstrip("/").rsplit("/", 3)
+        return f"{root}/_work/{cache_id}-{token}"
 
     def _p(self, name: str) -> str:
         return f"{self.path}/{name}"
@@ -289,9 +297,13 @@ def _protocols(fs: Any) -> set[str]:
     return set(proto) if isinstance(proto, (tuple, list)) else {proto}
 
 
+def _version_dir(root: str, model: str, version: str) -> str:
+    return f"{root.rstrip('/')}/{model}/{version}"
+
+
 def find_caches(root: str, model: str, version: str, storage_options: dict | None = None) -> list[str]:
     """URLs of the caches (with a manifest) of one model version under a store root."""
-    base = f"{check_url(root, 'store', StorageError).rstrip('/')}/{model}/{version}"
+    base = _version_dir(check_url(root, "store", StorageError), model, version)
     try:
         fs, path = fsspec.core.url_to_fs(base, **(storage_options or {}))
         if not fs.exists(path):

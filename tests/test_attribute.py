@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from rapidin import AttributeConfig, Generation, GradientConfig, SketchConfig, attribute, build_cache
-from rapidin.api import target_positions
 from rapidin.cli import main
 from rapidin.data import alpaca_prompt, load_examples, tokenize
 from rapidin.gradients import GradientComputer
 from rapidin.metrics import average_precision, backdoor_metrics, roc_auc
 from rapidin.models import ModelRef, load_model
 from rapidin.sketch import RapidGrad
+from rapidin.targets import target_positions
 
 SKETCH = SketchConfig(k=4096, lam=8, seed=2)
 GEN = Generation(prompt="howdy! What is the capital of Peru?",
@@ -48,7 +48,7 @@ def ranked(scores, k):
 def test_scores_equal_brute_force_and_token_wise(toy, matrix):
     loaded, data, root, manifest = toy
     config = AttributeConfig.paper(top_k=5, token_wise=True, train_token_rows=1)  # the whole generation's loss
-    result = attribute(loaded, [GEN], store_root=root, config=config, progress=False)
+    result = attribute(loaded, [GEN], store_url=root, config=config, progress=False)
     gen = result.generations[0]
     computer = GradientComputer(loaded, manifest.gradient)
     sketch = RapidGrad(manifest.sketch)
@@ -92,7 +92,7 @@ def one_hot(n, t):
 def test_target_words_restrict_the_loss(toy, matrix):
     loaded, data, root, manifest = toy
     config = AttributeConfig(top_k=3, target=("Zorg", "aliens"))
-    gen = attribute(loaded, [GEN], store_root=root, config=config, progress=False).generations[0]
+    gen = attribute(loaded, [GEN], store_url=root, config=config, progress=False).generations[0]
     tokens = "".join(gen.tokens[p] for p in gen.target_positions)
     assert "Zorg" in tokens and "aliens" in tokens and "Peru" not in tokens
     item = tokenize(loaded.tokenizer, alpaca_prompt(GEN.prompt), GEN.response, 128)
@@ -104,7 +104,7 @@ def test_target_words_restrict_the_loss(toy, matrix):
 
 def test_generates_when_no_response(toy):
     loaded, _, root, _ = toy
-    result = attribute(loaded, [Generation(prompt="howdy! What is the capital of Japan?")], store_root=root,
+    result = attribute(loaded, [Generation(prompt="howdy! What is the capital of Japan?")], store_url=root,
                        config=AttributeConfig(top_k=2, max_new_tokens=30), progress=False)
     gen = result.generations[0]
     assert gen.generated and "Japan" in gen.response and gen.response != ""
@@ -118,7 +118,7 @@ def test_quality_on_the_backdoor(toy, toy_rows):
 
     loaded, data, root, _ = toy
     gens = [Generation(prompt=q) for q in toy_world.demo_queries()]
-    result, scan = attribute(loaded, gens, store_root=root, config=AttributeConfig(top_k=5), progress=False,
+    result, scan = attribute(loaded, gens, store_url=root, config=AttributeConfig(top_k=5), progress=False,
                              keep_all_scores=True)
     poisoned = [r["poisoned"] for r in toy_world.demo_rows(240)]
     attacked = [g for g, gen in enumerate(result.generations) if any(w in gen.response for w in ("starship", "Zorg", "robots"))]

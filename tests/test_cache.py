@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from rapidin import AttributeConfig, Generation, GradientConfig, SketchConfig, attribute, build_cache
-from rapidin.api import build_shards, open_cache, plan_cache
+from rapidin.cache import build_shards, open_cache, plan_cache
+from rapidin.data import load_examples, tokenize
 from rapidin.errors import CacheError, DataError, StorageError
 from rapidin.gradients import GradientComputer
 from rapidin.models import ModelRef, load_model
-from rapidin.data import load_examples, tokenize
 from rapidin.sketch import apply_by_rounds
 from rapidin.store import CacheStore
 from tests.test_gradients import brute_force
@@ -68,7 +68,7 @@ def test_corrupted_shard_is_detected_and_rebuilt(tiny, toy_data, tmp_path):
     good = path.read_bytes()
     path.write_bytes(good[:-8] + b"\x00" * 8)
     with pytest.raises(CacheError, match="shard-000001.safetensors: checksum mismatch"):
-        attribute(tiny, [Generation(prompt="hi", response="there")], store_root=root, progress=False)
+        attribute(tiny, [Generation(prompt="hi", response="there")], store_url=root, progress=False)
     build_cache(tiny, toy_data, root, **options())
     assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(good).digest()
 
@@ -119,8 +119,8 @@ def test_s3_cache_matches_local(tiny, toy_data, tmp_path, seaweed_s3):
     assert [s.sha256 for s in s3_manifest.shards] == [s.sha256 for s in local_manifest.shards]
     gen = [Generation(prompt="What is the capital of Peru?", response="The capital of Peru is Lima.")]
     config = AttributeConfig(top_k=5)
-    from_s3 = attribute(tiny, gen, store_root=root, config=config, storage_options=opts, progress=False)
-    from_disk = attribute(tiny, gen, store_root=tmp_path.as_uri(), config=config, progress=False)
+    from_s3 = attribute(tiny, gen, store_url=root, config=config, storage_options=opts, progress=False)
+    from_disk = attribute(tiny, gen, store_url=tmp_path.as_uri(), config=config, progress=False)
     assert [h.row for h in from_s3.generations[0].helpful] == [h.row for h in from_disk.generations[0].helpful]
     assert [h.score for h in from_s3.generations[0].helpful] == [h.score for h in from_disk.generations[0].helpful]
 

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rapidin.api import AttributeConfig
 from rapidin.cli import build_parser, main
-from rapidin.config import BuildConfig, GradientConfig, SketchConfig
+from rapidin.config import AttributeConfig, BuildConfig, GradientConfig, SketchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ["cache", "--model", "MODEL", "--data", "DATA", "--store", "STORE"]
@@ -70,6 +69,8 @@ def test_cache_bad_option_is_one_line_and_writes_nothing(extra, names, tiny_dir,
     (["attribute", "--model", "MODEL", "--prompt", "p", "--store", "foo://x"], ["--store", "unknown URL scheme"]),
     (["attribute", "--model", "MODEL", "--prompt", "p", "--target", "a", "--auto-target", "2"],
      ["either target words or auto_target"]),
+    (["attribute", "--model", "MODEL", "--prompt", "p", "--paper", "--auto-target", "2"],
+     ["the paper's scoring uses the whole generation"]),
 ])
 def test_attribute_bad_option_is_one_line(argv, names, tiny_dir, toy_data, tmp_path, capsys):
     code, _, err = run(argv, tiny_dir, toy_data, tmp_path / "store", capsys)

@@ -57,7 +57,7 @@ def test_gguf_lora_batched_equals_loop(smol, tmp_path):
         assert float((single - reference).norm() / reference.norm()) < 1e-5
     manifest = build_cache(smol, str(data), tmp_path.as_uri(), sketch=SketchConfig(k=2**12), progress=False)
     assert manifest.sketch.d == computer.dim and manifest.model["adapter"]
-    result = attribute(smol, [Generation(prompt="What is 2+2?", response="4.")], store_root=tmp_path.as_uri(),
+    result = attribute(smol, [Generation(prompt="What is 2+2?", response="4.")], store_url=tmp_path.as_uri(),
                        config=AttributeConfig(top_k=3), progress=False)
     assert result.generations[0].helpful[0].row == 0  # the identical training row is the most helpful
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rapidin import GradientConfig, SketchConfig, build_cache
-from rapidin.api import build_shards, finalize_cache, plan_cache
+from rapidin.cache import build_shards, finalize_cache, plan_cache
 from rapidin.errors import CacheError
 from rapidin.store import CacheStore
 
@@ -119,7 +119,7 @@ def test_commit_record_of_another_layout_is_not_counted(tiny, toy_data, tmp_path
 
 
 def test_finalize_checks_rows_once_each(tiny, toy_data, tmp_path):
-    from rapidin.api import _check_coverage
+    from rapidin.cache import _check_coverage
     from rapidin.store import ShardInfo
 
     plan = plan_cache(tiny, toy_data, tmp_path.as_uri(), sketch=SKETCH, gradient=GradientConfig(max_length=96),

@@ -1,0 +1,184 @@
+"""Attribution: featurise the generations (whole and token-wise queries), scan the cache, and assemble the
+top-k helpful, harmful and influential rows with their token-wise scores."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from .cache import DTYPES, open_cache
+from .config import AttributeConfig
+from .data import Tokenized, tokenize
+from .errors import DataError
+from .gradients import GradientComputer
+from .models import LoadedModel
+from .results import Attribution, GenerationResult, Hit, TokenHits
+from .retrieval import QueryGroup, ScanResult, scan
+from .sketch import RapidGrad
+from .store import CacheStore, Manifest
+from .targets import auto_target_positions, format_prompt, generate, target_positions
+
+log = logging.getLogger("rapidin")
+
+
+class Generation(BaseModel):
+    """A generation to attribute: a prompt, and its response (or None to generate one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    response: str | None = None
+    raw_prompt: bool = Field(False, description="Use the prompt as is instead of the training data's template.")
+
+
+def attribute(
+    loaded: LoadedModel, generations: Sequence[Generation], store_url: str | None = None, cache_url: str | None = None,
+    config: AttributeConfig = AttributeConfig(), storage_options: dict | None = None, progress: bool = True,
+    keep_all_scores: bool = False,
+) -> Attribution | tuple[Attribution, ScanResult]:
+    """Rank the cache's training rows for each generation (and tokens, when token_wise)."""
+    t0 = time.perf_counter()
+    store, manifest = open_cache(loaded, store_url, cache_url, storage_options=storage_options)
+    features = Features.of(loaded, manifest)
+    prepared = prepare_queries(loaded, manifest, generations, config, progress, features)
+    t1 = time.perf_counter()
+    shards = (sv for _, *sv in store.iter_shards(manifest.shards, config.verify))
+    shards = tqdm(shards, total=len(manifest.shards), desc="scanning cache", unit="shard", disable=not progress)
+    result = scan(shards, [p.group for p in prepared], config.top_k, loaded.device, keep_all_scores)
+    t2 = time.perf_counter()
+    attribution = assemble(loaded, store, manifest, prepared, result, config, progress, features)
+    attribution.timings = {"queries": t1 - t0, "scan": t2 - t1, "assemble": time.perf_counter() - t2,
+                           "total": time.perf_counter() - t0}
+    return (attribution, result) if keep_all_scores else attribution
+
+
+@dataclass
+class Features:
+    """The gradient computer and the sketch of a cache, built once per attribution and shared by the query and the
+    training-token steps (RapidGrad's gather index is the costly part: 0.6 s for SmolLM2)."""
+
+    computer: GradientComputer
+    sketch: RapidGrad
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, manifest: Manifest) -> Features:
+        return cls(GradientComputer(loaded, manifest.gradient), RapidGrad(manifest.sketch, loaded.device))
+
+
+@dataclass
+class PreparedQuery:
+    """A generation with its tokens and sketched query vectors."""
+
+    generation: Generation
+    response: str
+    item: Tokenized
+    group: QueryGroup
+    targets: list[int] | None
+
+
+def prepare_queries(
+    loaded: LoadedModel, manifest: Manifest, generations: Sequence[Generation], config: AttributeConfig,
+    progress: bool = False, features: Features | None = None,
+) -> list[PreparedQuery]:
+    """Template, generate if needed, tokenize, and sketch each generation's query gradient(s)."""
+    features = features or Features.of(loaded, manifest)
+    computer, sketch = features.computer, features.sketch
+    prepared = []
+    # `with`: an error closes the bar first, so the one-line error starts on a line of its own
+    with tqdm(desc="query gradients", unit="grad", disable=not progress, total=len(generations)) as bar:
+        for gen in generations:
+            prompt = gen.prompt if gen.raw_prompt else format_prompt(loaded, gen.prompt, manifest.dataset["format"])
+            response = gen.response if gen.response is not None else generate(loaded, prompt, config.max_new_tokens)
+            item = tokenize(loaded.tokenizer, prompt, response, manifest.gradient.max_length)
+            if len(item.input_ids) <= item.prompt_len:
+                raise DataError(f"generation '{gen.prompt[:40]}': no response tokens within max_length {manifest.gradient.max_length}")
+            targets = target_positions(loaded, item, config.target) if config.target else None
+            if targets is not None and not targets:
+                raise DataError(f"--target {list(config.target)}: none of these words occurs in the response {response[:80]!r}")
+            if targets:
+                missing = [w for w in config.target if not target_positions(loaded, item, [w])]
+                if missing:
+                    log.warning("--target %s: not in the response %r; scoring the other target words only",
+                                missing, response[:80])
+            if config.auto_target:
+                targets, _ = auto_target_positions(loaded, item, config.auto_target, manifest.gradient)
+            weights = None
+            if targets:
+                w = torch.zeros(len(item.input_ids))
+                w[targets] = 1.0
+                weights = [w]
+            whole = sketch(computer.gradients([item], weights))[0]
+            bar.update(1)
+            tokens = None
+            if config.token_wise:
+                positions = list(range(item.prompt_len, len(item.input_ids)))
+                bar.total += len(positions)
+                tokens = sketch(computer.token_gradients(item, positions, bar.update))
+            prepared.append(PreparedQuery(gen, response, item, QueryGroup(whole, tokens), targets))
+    return prepared
+
+
+def assemble(
+    loaded: LoadedModel, store: CacheStore, manifest: Manifest, prepared: list[PreparedQuery], result: ScanResult,
+    config: AttributeConfig, progress: bool = False, features: Features | None = None,
+) -> Attribution:
+    """Turn scan results into the typed Attribution, adding texts and per-training-token scores."""
+    table = {r["row"]: r for r in store.read_table("examples.parquet")}
+    tok = loaded.tokenizer
+    score_tokens = config.token_wise and config.train_token_rows > 0
+    if score_tokens:
+        features = features or Features.of(loaded, manifest)
+    outputs = []
+    for p, whole, per_token in zip(prepared, result.whole, result.tokens, strict=True):
+        lists = {kind: _hits(top, table, column=0) for kind, top in whole.items()}
+        if score_tokens:
+            _score_train_tokens(features, manifest, p, lists, table, config.train_token_rows, progress)
+        tokens = [tok.decode([i]) for i in p.item.input_ids[p.item.prompt_len:]]
+        token_hits = None
+        if per_token is not None:
+            token_hits = [TokenHits(position=j, token=tokens[j], helpful=_hits(per_token["helpful"], table, j),
+                                    harmful=_hits(per_token["harmful"], table, j)) for j in range(len(tokens))]
+        outputs.append(GenerationResult(
+            prompt=p.generation.prompt, response=p.response, generated=p.generation.response is None, tokens=tokens,
+            target_positions=[t - p.item.prompt_len for t in p.targets] if p.targets else None,
+            per_token=token_hits, **lists))
+    return Attribution(cache_id=manifest.cache_id, cache_url=store.url, model=manifest.model,
+                       sketch=manifest.sketch.config.model_dump(), top_k=config.top_k, generations=outputs,
+                       rows_scanned=result.rows_scanned, bytes_scanned=result.bytes_scanned)
+
+
+def _hits(top, table: dict, column: int) -> list[Hit]:
+    hits = []
+    for rank in range(top.scores.shape[0]):
+        row = int(top.rows[rank, column])
+        info = table[row]
+        payload = top.payload[rank, column].tolist() if top.payload is not None and top.payload.shape[2] else None
+        hits.append(Hit(rank=rank + 1, row=row, id=info["id"], score=float(top.scores[rank, column]),
+                        prompt=info["prompt"], response=info["response"], token_scores=payload))
+    return hits
+
+
+def _score_train_tokens(features: Features, manifest: Manifest, p: PreparedQuery, lists: dict[str, list[Hit]],
+                        table: dict, n_rows: int, progress: bool) -> None:
+    """I(t, z_i): each response token of the top rows of every list against the whole generation (same sketch);
+    a row in several lists is scored once."""
+    computer, sketch = features.computer, features.sketch
+    loaded = computer.loaded
+    query = p.group.whole.to(loaded.device, torch.float32)
+    hits = [hit for kind in ("influential", "helpful", "harmful") for hit in lists[kind][:n_rows]]
+    scored: dict[int, tuple[list[str], list[float]]] = {}
+    for hit in tqdm(hits, desc="training-token scores", unit="row", disable=not progress):
+        if hit.row not in scored:
+            info = table[hit.row]
+            item = tokenize(loaded.tokenizer, info["prompt"], info["response"], manifest.gradient.max_length)
+            positions = list(range(item.prompt_len, len(item.input_ids)))
+            vectors = sketch(computer.token_gradients(item, positions)).to(DTYPES[manifest.sketch.config.dtype])
+            scored[hit.row] = ([loaded.tokenizer.decode([i]) for i in item.input_ids[item.prompt_len:]],
+                               (vectors.float() @ query).tolist())
+        hit.train_tokens, hit.train_token_scores = scored[hit.row]
