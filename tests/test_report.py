@@ -27,6 +27,7 @@ import pytest
 
 from rapidin import report
 from rapidin.plots import plot_scores, plot_token_influence, write_plots
+from rapidin.report.views import FOLD_CHARS
 from rapidin.report import (
     colour,
     compare,
@@ -338,7 +339,7 @@ def real_attribution(tmp_path_factory) -> tuple[Attribution, list]:
     build_cache(loaded, data, str(root / "store"), sketch=SketchConfig(k=2**10), shard_rows=32, progress=False)
     gens = [Generation(prompt=toy.demo_queries()[0]), Generation(prompt="What is the capital of Peru?",
                                                                  response=f"It is {EVIL} Lima.")]
-    att, scan = attribute(loaded, gens, store_root=str(root / "store"),
+    att, scan = attribute(loaded, gens, store_url=str(root / "store"),
                           config=AttributeConfig(top_k=5, token_wise=True, train_token_rows=2, max_new_tokens=12),
                           progress=False, keep_all_scores=True)
     return att, scan.all_scores
@@ -553,7 +554,7 @@ def _check_content(state: dict, att: Attribution) -> None:
                 if h.train_tokens and h.train_token_scores:
                     assert "".join(c["ttoks"]).startswith("".join(h.train_tokens[:3]))
                 else:
-                    assert c["response"].startswith(h.response[: report.FOLD_CHARS // 2])
+                    assert c["response"].startswith(h.response[: FOLD_CHARS // 2])
 
 
 def _expected_drives(gen: GenerationResult, pos: int) -> set[tuple[str, int]]:
