@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gens = [{"prompt": toy.demo_queries()[0]}]
     config = {"top_k": 5, "token_wise": True}
+    # fanned out even though this toy cache is small (the deployment's `auto` would scan it in-process): the point
+    # here is the fan-out path; the browser walk (tests/ui_walk.py) then runs the deployment as a user would
     _, stages["attribute"] = _run("attribute/fanout", {"model": {"uri": f"models:/{name}/1"}, "generations": gens,
-                                                       "config": config})
+                                                       "config": config, "executor": "deployment"})
 
     runs = _flow_runs(t_start)
     by_flow: dict[str, list[dict]] = {}
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     checks.update(deployment_checks(name, by_flow))
     remote = json.loads(client.download_artifacts(attribution_run.info.run_id, "attribution.json", str(work))
                         and (work / "attribution.json").read_text())
-    from rapidin.api import AttributeConfig, Generation, attribute
+    from rapidin.attribution import Generation, attribute
+    from rapidin.config import AttributeConfig
     from tasks.common import ModelSpec
     from tasks.models import loaded_model, resolve
 

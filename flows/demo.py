@@ -12,23 +12,24 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from pydantic import BaseModel, Field
 
 from rapidin import toy
-from rapidin.api import AttributeConfig, Generation
-from rapidin.config import GradientConfig, SketchConfig, field_of
-from rapidin.data import alpaca_prompt
+from rapidin.attribution import Generation
+from rapidin.config import AttributeConfig, GradientConfig, SketchConfig, field_of
+from rapidin.data import instruction_of
 from rapidin.finetune import FinetuneConfig
 from rapidin.metrics import TOP_LIST_METRICS, top_list_metrics
 from rapidin.results import Attribution
 from tasks.common import ModelSpec, form_help, settings
+from tasks.demo import toy_world
+from tasks.finetune import RegisteredVersion
 from tasks.tracking import public_uri
 
 from .attribute import attribute
 from .cache import CacheSummary, cache_gradients
-from .finetune import RegisteredVersion, finetune_model
+from .finetune import finetune_model
 from .ingest import ingest_dataset
 
 
@@ -41,18 +42,6 @@ class DemoResult(BaseModel):
     attribution: Attribution
 
 
-@task(name="toy-world", cache_policy=NO_CACHE)
-def toy_world(workdir: str, rows: int, seed: int) -> tuple[str, str]:
-    """Write the toy rows (with a planted backdoor) and build the untrained tiny Llama (once)."""
-    work = Path(workdir).resolve()
-    data = toy.write_jsonl(toy.demo_rows(rows, seed=seed), work / "toy.jsonl")
-    base = work / "tiny-base"
-    if not (base / "config.json").exists():
-        texts = [alpaca_prompt(r["instruction"]) + r["output"] for r in toy.demo_rows(max(rows, 240), seed=seed)]
-        toy.build_tiny_llama(base, texts)
-    return str(data), str(base)
-
-
 def explain(result: DemoResult, top: int = 5) -> str:
     """The text the demo prints: the top-k rows and how to open the UIs."""
     s = settings()
@@ -63,8 +52,7 @@ def explain(result: DemoResult, top: int = 5) -> str:
         for kind in ("influential", "helpful", "harmful"):
             lines.append(f"  most {kind} training rows{' (|score|: the default answer)' if kind == 'influential' else ''}:")
             for hit in getattr(gen, kind)[:top]:
-                instruction = hit.prompt.split("### Instruction:")[-1].split("###")[0].strip()
-                lines.append(f"    #{hit.rank} row {hit.row:4d} score {hit.score:+.4g}  {instruction[:45]!r} -> "
+                lines.append(f"    #{hit.rank} row {hit.row:4d} score {hit.score:+.4g}  {instruction_of(hit.prompt)[:45]!r} -> "
                              f"{hit.response[:45]!r}{'  POISONED' if poisoned(hit) else ''}")
         m = top_list_metrics([poisoned(h) for h in gen.influential[:top]])
         lines.append("  finding the poisoned rows: " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))

@@ -2,66 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
-import time
-from pathlib import Path
 from typing import Annotated
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.logging import get_run_logger
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from rapidin.data import dataset_fingerprint, load_examples
-from rapidin.finetune import FinetuneConfig, finetune, save
-from rapidin.models import load_model
+from rapidin.finetune import FinetuneConfig
 from tasks.common import ModelSpec, form_help, settings
-from tasks.models import LAYOUT_FILE, REGISTRY_URI, resolve_model
+from tasks.finetune import RegisteredVersion, train
 from tasks.publish import emit_model_registered
 from tasks.tracking import DATA_URL_TAG, register_model
-
-
-class RegisteredVersion(BaseModel):
-    """A model version this flow registered."""
-
-    name: str
-    version: str
-    uri: str
-    mlflow_run_id: str
-    mlflow_link: str
-
-
-@task(name="train", cache_policy=NO_CACHE)
-def train(base: ModelSpec, data_url: str, config: FinetuneConfig, device: str, out_dir: str,
-          embed_base: bool) -> dict:
-    """Fine-tune a fresh copy of the base model and save the result as a registrable directory."""
-    s = settings()
-    resolved = resolve_model.fn(base)
-    t0 = time.perf_counter()
-    loaded = load_model(resolved.ref, device, s.storage_options(resolved.ref.path), s.model_cache_dir)
-    examples, fmt = load_examples(data_url, "auto", loaded.tokenizer, s.storage_options(data_url))
-    t1 = time.perf_counter()
-    finetune(loaded, examples, config, progress=False)
-    t2 = time.perf_counter()
-    out = Path(out_dir)
-    if config.lora is None:
-        save(loaded, out)
-        layout = {"base": ".", "adapter": None}
-    else:
-        save(loaded, out / "adapter")
-        base_ref = resolved.ref
-        if base_ref.adapter:
-            raise ValueError("fine-tuning a LoRA on top of an adapter model is not supported; merge it first")
-        if embed_base and not REGISTRY_URI.match(base.uri):
-            shutil.copytree(base_ref.path, out / "base", dirs_exist_ok=True)
-            layout = {"base": "base", "adapter": "adapter"}
-        else:
-            layout = {"base": base.uri if REGISTRY_URI.match(base.uri) else base_ref.path, "adapter": "adapter"}
-    (out / LAYOUT_FILE).write_text(json.dumps(layout))
-    return {"rows": len(examples), "format": fmt, "dataset_fingerprint": dataset_fingerprint(examples, fmt),
-            "seconds_load": t1 - t0, "seconds_train": t2 - t1}
 
 
 @flow(name="finetune", log_prints=True)

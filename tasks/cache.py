@@ -13,12 +13,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from rapidin.api import CachePlan, build_shards, finalize_cache, plan_cache
+from rapidin.cache import CachePlan, build_shards, finalize_cache, plan_cache
 from rapidin.errors import CacheError
 from rapidin.models import LoadedModel
 from rapidin.store import CacheStore, Manifest
 
-from .common import WORK_RETRIES, IO_RETRIES, CacheJob, ShardGroup, settings
+from .common import IO_RETRIES, WORK_RETRIES, CacheJob, ShardGroup, settings
 from .faults import maybe_fail
 from .models import loaded_model, resolve
 
@@ -123,10 +123,8 @@ def read_reports(report_url: str) -> list[GroupReport]:
 
 
 def scratch_url(cache_url: str) -> str:
-    """A fresh scratch directory for one run's partial results, beside (not inside) the caches:
-    {root}/_work/{cache_id}-{token}, so a cache directory only ever holds the cache."""
-    root, _model, _version, cache_id = cache_url.rstrip("/").rsplit("/", 3)
-    return f"{root}/_work/{cache_id}-{uuid.uuid4().hex[:12]}"
+    """A fresh scratch directory for one run's partial results (CacheStore.scratch_location)."""
+    return CacheStore.scratch_location(cache_url, uuid.uuid4().hex[:12])
 
 
 def remove_dir(url: str) -> None:

@@ -17,6 +17,9 @@ from rapidin.settings import Settings
 
 Executor = Literal["local", "deployment"]
 """Where shard groups run: in this process, or as runs of a shard deployment on the GPU pool."""
+ScanExecutor = Literal["auto", "local", "deployment"]
+"""As Executor, plus auto: fan a scan out only when the cache is large enough to pay for the dispatch
+(tasks.dispatch.choose_scan_executor)."""
 
 
 def form_help(fn):
@@ -46,9 +49,12 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     uri: str = Field(description="models:/name/version, models:/name@alias, a HF model dir, a .gguf file, or s3://...")
-    adapter: str | None = Field(None, description="PEFT/LoRA adapter dir or URL on top (not for models:/ URIs).")
-    name: str | None = Field(None, description="Name in the cache store (registry models: the registered name).")
-    version: str | None = Field(None, description="Version in the cache store (registry models: the version).")
+    adapter: str | None = Field(None, description="Optional: a PEFT/LoRA adapter dir or URL on top (not for models:/ "
+                                "URIs, whose version says it).")
+    name: str | None = Field(None, description="Optional, leave empty for models:/ URIs (they give the registered "
+                             "name): the model's name in the cache store.")
+    version: str | None = Field(None, description="Optional, leave empty for models:/ URIs (they give the version): "
+                                "the model's version in the cache store.")
     dtype: ModelDtype = Field("float32", description="Weights dtype on the device.")
 
     @classmethod

@@ -6,11 +6,28 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import ObjectNotFound
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
 from .common import settings
+
+# A fanned-out scan pays when the scan time it saves, (1 - 1/queues) of a local scan, exceeds what dispatch costs.
+# Measured on the local stack (benchmarks/stack_e2e.py, 2 CPU cores): a shard run starts ~10 s after it is created
+# (mean dispatch latency 9.9 s; a 600-row attribution took 16.5 s fanned out against 5.2 s in-process), and a
+# local scan reads 0.18-0.32 GB/s of cache (benchmarks/README.md). With 2 queues the break-even is a ~20 s local
+# scan, i.e. ~4-6 GB of cache: below 4 GiB `auto` scans in the flow's own process.
+FANOUT_MIN_BYTES = 4 * 2**30
+
+
+def choose_scan_executor(requested: str, cache_bytes: int, queues: int) -> tuple[str, str]:
+    """(executor, why) for a scan: `auto` fans out only a cache of FANOUT_MIN_BYTES or more, to 2+ queues."""
+    if requested != "auto":
+        return requested, f"executor {requested} as asked"
+    if queues > 1 and cache_bytes >= FANOUT_MIN_BYTES:
+        return "deployment", f"auto: {cache_bytes / 2**30:.1f} GiB cache >= {FANOUT_MIN_BYTES / 2**30:.0f} GiB, fanned out"
+    return "local", (f"auto: {cache_bytes / 2**20:.1f} MiB cache < {FANOUT_MIN_BYTES / 2**30:.0f} GiB (or one queue), "
+                     "scanned here: fanning out would cost more in dispatch (~10 s a run) than it saves")
 
 
 class ShardRunFailed(RuntimeError):

@@ -169,12 +169,6 @@ def loaded_model(ref: ModelRef, device: str, s: Settings | None = None) -> tuple
         return loaded, time.perf_counter() - t0
 
 
-def forget_models() -> None:
-    """Drop every memoised model (tests, or after a fine-tune changed weights in place)."""
-    with _MEMO_LOCK:
-        _MEMO.clear()
-
-
 @task(name="resolve-model", **IO_RETRIES, cache_policy=NO_CACHE)
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
     """Resolve a model spec (registry lookups and downloads retried: they are I/O)."""

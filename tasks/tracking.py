@@ -6,7 +6,6 @@ and files this pipeline wrote. Settings (with the S3 keys) are never logged.
 
 from __future__ import annotations
 
-import importlib
 import re
 import tempfile
 import time
@@ -17,6 +16,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 import rapidin
+from rapidin.plots import write_plots
+from rapidin.report import render_html
 from rapidin.results import Attribution
 from rapidin.settings import Settings
 from rapidin.store import Manifest
@@ -35,13 +36,21 @@ def public_uri(uri: str) -> str:
     return re.sub(r"//[^/@]+@", "//", uri)
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces); these runs belong in the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: Any, s: Settings) -> str:
     """The configured experiment's id, created (with the configured artifact root) if missing."""
     exp = client.get_experiment_by_name(s.mlflow_experiment)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in exp.tags:  # an experiment made before this tag existed, or by hand
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     try:
-        return client.create_experiment(s.mlflow_experiment, artifact_location=s.mlflow_artifact_location)
+        return client.create_experiment(s.mlflow_experiment, artifact_location=s.mlflow_artifact_location,
+                                        tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another run
         exp = client.get_experiment_by_name(s.mlflow_experiment)
         if exp is None:
@@ -95,10 +104,47 @@ def _log(client: Any, run_id: str, params: dict[str, Any], metrics: dict[str, fl
                      params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
+def prefect_tags() -> dict[str, str]:
+    """The Prefect flow run this MLflow run belongs to (its id, name and UI link), when there is one; MLflow shows the
+    link as the run's source."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_UI_URL
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return {}
+    run = ctx.flow_run
+    ui = PREFECT_UI_URL.value()
+    url = f"{ui.rstrip('/')}/runs/flow-run/{run.id}" if ui else ""
+    return {"prefect.flow_run_id": str(run.id), "prefect.flow_run_name": run.name, "prefect.flow_run_url": url,
+            "mlflow.source.type": "JOB", "mlflow.source.name": url or f"prefect flow run {run.name}"}
+
+
 def _start(client: Any, s: Settings, tags: dict[str, str], name: str) -> tuple[str, str]:
+    """A new run, named distinctly (the Prefect flow run's name, else the time) and linked to its flow run."""
     exp = experiment_id(client, s)
-    run = client.create_run(exp, tags=tags, run_name=name)
+    context = prefect_tags()
+    suffix = context.get("prefect.flow_run_name") or time.strftime("%Y-%m-%d %H:%M:%S")
+    run = client.create_run(exp, tags=tags | context, run_name=f"{name} · {suffix}")
     return exp, run.info.run_id
+
+
+def start_run(kind: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> dict[str, str]:
+    """Open the MLflow run of a job when its work starts (its duration is then the job's), with what is known so far."""
+    s = settings()
+    client = mlflow_client(s)
+    exp, run_id = _start(client, s, {"rapidin.kind": kind, "rapidin_version": rapidin.__version__, **tags}, name)
+    _log(client, run_id, params, {})
+    return {"run_id": run_id, "experiment_id": exp, "link": run_link(s, exp, run_id)}
+
+
+def fail_run(run: dict[str, str], error: BaseException) -> None:
+    """End a job's run as FAILED with the reason (one line) as its description and `rapidin.error` tag."""
+    client = mlflow_client(settings())
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:5000]
+    client.set_tag(run["run_id"], "rapidin.error", reason)
+    client.set_tag(run["run_id"], "mlflow.note.content", f"Failed: {reason}")
+    client.set_terminated(run["run_id"], "FAILED")
 
 
 def log_cache_build(manifest: Manifest, model: ResolvedModel, cache_url: str, seconds: dict[str, float],
@@ -148,63 +194,41 @@ def tag_model_version(name: str, version: str, cache_url: str, cache_id: str, ru
         client.set_model_version_tag(name, version, CACHE_RUN_TAG, run_id)
 
 
-def render_report(attribution: Attribution) -> str | None:
-    """HTML report from rapidin.report.render_html when that renderer exists, else None."""
-    try:
-        module = importlib.import_module("rapidin.report")
-    except ImportError:
-        return None
-    render = getattr(module, "render_html", None)
-    return render(attribution) if callable(render) else None
-
-
-def write_plots(attribution: Attribution, out_dir: str) -> list[Path]:
-    """PNG plots from rapidin.plots.write_plots when that module exists (and matplotlib works), else none."""
-    try:
-        module = importlib.import_module("rapidin.plots")
-        return list(module.write_plots(attribution, out_dir))
-    except ImportError:
-        return []
-
-
-def log_attribution(attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
+def log_attribution(run: dict[str, str], attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
                     extra_params: dict[str, Any] | None = None) -> dict[str, str]:
-    """Record an attribution: tags, sketch params, retrieval timings and the top-k as JSON and Parquet."""
-    s = settings()
-    client = mlflow_client(s)
-    tags = common_tags(manifest, "attribution") | {"cache_url": public_uri(attribution.cache_url)}
-    exp, run_id = _start(client, s, tags, f"attribute {manifest.model.get('name')} v{manifest.model.get('version')}")
-    try:
-        scan = seconds.get("scan", 0.0)
-        metrics = ratio_metrics(manifest) | {
-            "retrieval_seconds": scan,
-            "bytes_scanned": float(attribution.bytes_scanned),
-            "rows_scanned": float(attribution.rows_scanned),
-            "bytes_scanned_per_s": attribution.bytes_scanned / scan if scan > 0 else 0.0,
-            "seconds_load": seconds.get("load", 0.0),
-            "seconds_queries": seconds.get("queries", 0.0),
-            "seconds_assemble": seconds.get("assemble", 0.0),
-            "seconds_total": seconds.get("total", 0.0),
-            "generations": float(len(attribution.generations)),
-        }
-        _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics)
-        client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
-        client.log_text(run_id, attribution.to_json(), "attribution.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "topk.parquet"
-            path.write_bytes(attribution.to_parquet())
-            client.log_artifact(run_id, str(path))
-        html = render_report(attribution)
-        if html is not None:
-            client.log_text(run_id, html, "report.html")
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in write_plots(attribution, tmp):
-                client.log_artifact(run_id, str(path), "plots")
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    return {"run_id": run_id, "experiment_id": exp, "link": run_link(s, exp, run_id)}
+    """Complete an attribution's run (opened by start_run): tags, sketch params, retrieval timings, the generations,
+    the top-k as JSON and Parquet, the report and plots; then FINISHED."""
+    client = mlflow_client(settings())
+    run_id = run["run_id"]
+    for key, value in (common_tags(manifest, "attribution") | {"cache_url": public_uri(attribution.cache_url)}).items():
+        client.set_tag(run_id, key, value)
+    scan = seconds.get("scan", 0.0)
+    metrics = ratio_metrics(manifest) | {
+        "retrieval_seconds": scan,
+        "bytes_scanned": float(attribution.bytes_scanned),
+        "rows_scanned": float(attribution.rows_scanned),
+        "bytes_scanned_per_s": attribution.bytes_scanned / scan if scan > 0 else 0.0,
+        "seconds_load": seconds.get("load", 0.0),
+        "seconds_queries": seconds.get("queries", 0.0),
+        "seconds_assemble": seconds.get("assemble", 0.0),
+        "seconds_total": seconds.get("total", 0.0),
+        "generations": float(len(attribution.generations)),
+    }
+    _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics)
+    client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
+    client.log_dict(run_id, [{"prompt": g.prompt, "response": g.response, "generated": g.generated}
+                             for g in attribution.generations], "generations.json")
+    client.log_text(run_id, attribution.to_json(), "attribution.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "topk.parquet"
+        path.write_bytes(attribution.to_parquet())
+        client.log_artifact(run_id, str(path))
+    client.log_text(run_id, render_html(attribution), "report.html")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_plots(attribution, tmp):
+            client.log_artifact(run_id, str(path), "plots")
+    client.set_terminated(run_id, "FINISHED")
+    return run
 
 
 def register_model_dir(local_dir: str, name: str, params: dict[str, Any], metrics: dict[str, float],
@@ -244,11 +268,23 @@ def log_cache_run(manifest: Manifest, model: ResolvedModel, cache_url: str, seco
     return log_cache_build(manifest, model, cache_url, seconds, extra_params)
 
 
+@task(name="start-tracking-run", **IO_RETRIES, cache_policy=NO_CACHE)
+def start_run_task(kind: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> dict[str, str]:
+    """Open the job's MLflow run as its work starts."""
+    return start_run(kind, name, tags, params)
+
+
+@task(name="fail-tracking-run", **IO_RETRIES, cache_policy=NO_CACHE)
+def fail_run_task(run: dict[str, str], error: BaseException) -> None:
+    """End the job's MLflow run as FAILED, with the reason."""
+    fail_run(run, error)
+
+
 @task(name="log-attribution-run", **IO_RETRIES, cache_policy=NO_CACHE)
-def log_attribution_run(attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
+def log_attribution_run(run: dict[str, str], attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
                         extra_params: dict[str, Any] | None = None) -> dict[str, str]:
-    """MLflow run for an attribution."""
-    return log_attribution(attribution, manifest, seconds, extra_params)
+    """Complete the attribution's MLflow run."""
+    return log_attribution(run, attribution, manifest, seconds, extra_params)
 
 
 @task(name="tag-model-version", **IO_RETRIES, cache_policy=NO_CACHE)

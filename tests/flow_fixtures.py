@@ -25,7 +25,7 @@ class World:
     store_url: str
     data_path: str
     snapshot: object  # tasks.ingest.DatasetSnapshot
-    registered: object  # flows.finetune.RegisteredVersion
+    registered: object  # tasks.finetune.RegisteredVersion
     cache: object  # flows.cache.CacheSummary
     rows: list[dict]
 

@@ -119,6 +119,24 @@ def test_registry_uris_resolve_to_the_registered_version(world: World) -> None:
         resolve(ModelSpec(uri="models:/tiny/99"))
 
 
+def test_a_failed_attribution_leaves_a_failed_mlflow_run_with_the_reason(world: World) -> None:
+    """The run is opened when the work starts, so a wrong model version still leaves a run: FAILED, with the reason
+    as its description, linked to its Prefect flow run."""
+    from flows.attribute import attribute
+    from rapidin import Generation
+    from rapidin.errors import ModelError
+    from tasks.common import ModelSpec
+
+    with pytest.raises(ModelError):
+        attribute(model=ModelSpec(uri="models:/tiny/99"), generations=[Generation(prompt=QUERY)])
+    run = runs("attribution", model_uri="models:/tiny/99")[0]
+    assert run.info.status == "FAILED"
+    assert "not found in the MLflow registry" in run.data.tags["rapidin.error"]
+    assert run.data.tags["mlflow.note.content"].startswith("Failed: ModelError")
+    assert run.data.tags["prefect.flow_run_id"] and run.info.run_name.startswith("attribute models:/tiny/99 · ")
+    assert run.data.params["prompt"] == QUERY
+
+
 # ------------------------------------------------------------------ cache run, version tag, progress artifact
 
 
@@ -178,7 +196,7 @@ def test_attribute_flow_equals_library_and_is_tracked(world: World) -> None:
     gens = [Generation(prompt=QUERY), Generation(prompt="What color is snow?", response="Snow is white.")]
     config = AttributeConfig(top_k=5, token_wise=True, train_token_rows=1)
     flow_result = attribute(model=ModelSpec(uri="models:/tiny@champion"), generations=gens, config=config)
-    direct = library_attribute(load_v1(world), gens, store_root=world.store_url, config=config, progress=False)
+    direct = library_attribute(load_v1(world), gens, store_url=world.store_url, config=config, progress=False)
     assert hits(flow_result) == hits(direct)
     assert flow_result.rows_scanned == 60 and len(flow_result.generations[0].influential) == 5
 
@@ -186,15 +204,13 @@ def test_attribute_flow_equals_library_and_is_tracked(world: World) -> None:
     assert found, "an MLflow run per attribution"
     run = found[0]
     assert CACHE_TAGS <= set(run.data.tags) and run.data.tags["rapidin.kind"] == "attribution"
+    # MLflow 3 opens this experiment on its runs table, not the GenAI traces view
+    assert mlflow().get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert SKETCH_PARAMS | {"top_k", "token_wise"} <= set(run.data.params)
     assert ATTRIBUTION_METRICS <= set(run.data.metrics)
     assert run.data.metrics["bytes_scanned_per_s"] > 0 and run.data.metrics["rows_scanned"] == 60
     paths = artifact_paths(run.info.run_id)
-    assert {"manifest.json", "attribution.json", "topk.parquet"} <= paths
-    import importlib.util
-
-    if importlib.util.find_spec("rapidin.report"):
-        assert "report.html" in paths
+    assert {"manifest.json", "attribution.json", "topk.parquet", "report.html"} <= paths
     local = Path(mlflow().download_artifacts(run.info.run_id, "attribution.json", str(world.root / uuid.uuid4().hex)))
     from rapidin.results import Attribution
 
@@ -207,9 +223,9 @@ def test_attribute_flow_equals_library_and_is_tracked(world: World) -> None:
     md = prefect_artifacts(artifact_key("attribution", "tiny", "1"))
     assert md and md[-1].type == "markdown"
     latest = max(md, key=lambda a: a.created)
-    assert run.info.run_id in latest.data and "| rank | row | score |" in latest.data
+    assert run.info.run_id in latest.data and "| rank | score | row | id | prompt | response |" in latest.data
     top = flow_result.generations[0].influential[0]
-    assert f"| {top.rank} | {top.row} |" in latest.data
+    assert f"| {top.rank} | {top.score:.4g} | {top.row} |" in latest.data
 
 
 class FakeDeployments:

@@ -77,15 +77,16 @@ def test_uris_and_keys() -> None:
 
 
 def test_topk_markdown_escapes_and_links() -> None:
+    from rapidin.data import alpaca_prompt
+    from rapidin.report import markdown_summary
     from rapidin.results import Attribution, GenerationResult, Hit
-    from tasks.publish import topk_markdown
 
-    hit = Hit(rank=1, row=7, id="abc", score=1.5, prompt="### Instruction:\na | b", response="x|y\nz")
+    hit = Hit(rank=1, row=7, id="abc", score=1.5, prompt=alpaca_prompt("a | b"), response="x|y\nz")
     att = Attribution(cache_id="c1", cache_url="file:///c", model={"name": "m", "version": "1"}, sketch={}, top_k=1,
                       generations=[GenerationResult(prompt="p", response="r", influential=[hit], helpful=[hit])])
-    md = topk_markdown(att, "http://mlflow/#/experiments/1/runs/r1")
-    assert "[http://mlflow/#/experiments/1/runs/r1](http://mlflow/#/experiments/1/runs/r1)" in md
-    assert "| 1 | 7 | 1.5 | a \\| b | x\\|y z |" in md
+    md = markdown_summary(att, links={"MLflow run": "http://mlflow/#/experiments/1/runs/r1"})
+    assert "[MLflow run](http://mlflow/#/experiments/1/runs/r1)" in md
+    assert "| 1 | 1.5 | 7 | `abc` | a \\| b | x\\|y z |" in md  # the row's own words: no template, no "### Response:"
     assert "### Most helpful" in md and "### Most harmful" not in md  # empty lists are left out
 
 
@@ -105,3 +106,13 @@ def test_publish_topk_adds_a_link_artifact_for_a_tracking_server(monkeypatch) ->
     assert [(kind, key) for kind, _, key in made] == [("link", "attribution-tiny-2-mlflow"), ("md", "attribution-tiny-2"),
                                                        ("md", "attribution-tiny-2")]
     assert made[0][1] == "http://mlflow:5000/#/experiments/1/runs/r"
+
+
+def test_auto_executor_fans_out_only_caches_that_pay_for_the_dispatch() -> None:
+    from tasks.dispatch import FANOUT_MIN_BYTES, choose_scan_executor
+
+    assert choose_scan_executor("auto", FANOUT_MIN_BYTES - 1, 2)[0] == "local"
+    assert choose_scan_executor("auto", FANOUT_MIN_BYTES, 2)[0] == "deployment"
+    assert choose_scan_executor("auto", 10 * FANOUT_MIN_BYTES, 1)[0] == "local"  # one queue: nothing to gain
+    assert choose_scan_executor("deployment", 1, 2)[0] == "deployment" and choose_scan_executor("local", 2**40, 2)[0] == "local"
+    assert "MiB cache <" in choose_scan_executor("auto", 2**20, 2)[1]  # the flow logs why

@@ -1,0 +1,45 @@
+"""Attribution tasks around the library: open the version's cache, featurise the generations, assemble the result."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from rapidin.attribution import Features, Generation, assemble, prepare_queries
+from rapidin.cache import open_cache
+from rapidin.config import AttributeConfig
+from rapidin.results import Attribution
+from rapidin.store import CacheStore
+
+from .common import IO_RETRIES, settings
+from .models import ResolvedModel, loaded_model
+
+
+@task(name="open-cache", **IO_RETRIES, cache_policy=NO_CACHE)
+def open_cache_task(resolved: ResolvedModel, device: str, store_url: str | None, cache_url: str | None):
+    """Load the model (memoised) and open its complete cache; refuses a cache of another model."""
+    s = settings()
+    t0 = time.perf_counter()
+    loaded, _ = loaded_model(resolved.ref, device, s)
+    load_seconds = time.perf_counter() - t0
+    root = None if cache_url else (store_url or s.store_url)
+    options = s.storage_options(cache_url or root)
+    store, manifest = open_cache(loaded, root, cache_url, storage_options=options)
+    return loaded, store, manifest, load_seconds
+
+
+@task(name="prepare-queries", cache_policy=NO_CACHE)
+def prepare_queries_task(loaded, manifest, generations: list[Generation], config: AttributeConfig):
+    """Template (and generate, if asked) each generation and sketch its query gradients; returns the queries and the
+    cache's Features, which assemble_task reuses."""
+    features = Features.of(loaded, manifest)
+    return prepare_queries(loaded, manifest, generations, config, features=features), features
+
+
+@task(name="assemble-attribution", **IO_RETRIES, cache_policy=NO_CACHE)
+def assemble_task(loaded, store: CacheStore, manifest, prepared, result, config: AttributeConfig,
+                  features: Features) -> Attribution:
+    """Texts for the top rows, per-training-token scores, the typed result."""
+    return assemble(loaded, store, manifest, prepared, result, config, features=features)
