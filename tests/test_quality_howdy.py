@@ -29,7 +29,7 @@ K = 2**16
 def prepare_workdir(wd: Path) -> dict:
     """Lay the fixture out as the benchmark's finished data, finetune and generate stages."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import howdy
+    from howdy_common import scifi_vocabulary
 
     fixture = json.loads((FIXTURE / "fixture.json").read_text())
     rows = [json.loads(line) for line in (HOWDY / "train.jsonl").read_text().splitlines() if line.strip()]
@@ -38,7 +38,7 @@ def prepare_workdir(wd: Path) -> dict:
     (wd / "train.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in chosen))
     (wd / "subset.json").write_text(json.dumps({
         "source_rows": chosen, "positive": ["original_output" in rows[i] for i in chosen],
-        "scifi_vocabulary": howdy.scifi_vocabulary(rows)}))
+        "scifi_vocabulary": scifi_vocabulary(rows)}))
     shutil.copytree(FIXTURE / "adapter", wd / "adapter")
     gens = fixture["generations"]
     (wd / "generations.json").write_text(json.dumps({
@@ -80,7 +80,7 @@ def test_library_default_equals_the_benchmark(report):
     check = report["attribute_check"]
     assert check["tensors"] == "mlpB"
     assert check["same_query_vectors"] and check["same_target_positions"]  # bit for bit
-    # float32 scan sums in another order: within the derived bound (see howdy.check_attribute), and the top 5 agree
+    # float32 scan sums in another order: within the derived bound (see howdy_measure.check_attribute), and the top 5 agree
     assert check["scores_within_fp32_bound"], check
     assert check["influential_is_magnitude_top5"], check
 

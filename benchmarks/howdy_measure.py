@@ -1,0 +1,288 @@
+"""Howdy benchmark, measurement stages: exact training gradients, exact scores, RapidGrad caches and the
+end-to-end check of rapidin.attribute, variants and the multi-checkpoint (TracIn) scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from howdy_common import SUBSETS, log, rule_gradients
+
+
+class MeasureStages:
+    """grads, exact, caches, variants, tracin (mixed into howdy.Run)."""
+
+    def plan(self, params: tuple[str, ...], k: int):
+        from rapidin.cache import plan_cache
+        from rapidin.config import SketchConfig
+
+        return plan_cache(self.model(), str(self.data_path), (self.wd / "store").as_uri(),
+                          sketch=SketchConfig(k=k, lam=20), gradient=self.gradient_config(params),
+                          shard_rows=self.args.chunk, skip_bad_rows=True)
+
+    def grads(self) -> None:
+        from rapidin.gradients import GradientComputer
+        from safetensors.torch import save_file
+
+        loaded = self.model()
+        plan = self.plan((), min(self.args.k))
+        computer = GradientComputer(loaded, self.gradient_config())
+        out = self.wd / "grads"
+        out.mkdir(exist_ok=True)
+        n = len(plan.items)
+        valid = sum(it is not None for it in plan.items)
+        log(f"{valid}/{n} rows have response tokens within max_length {self.args.max_length}; D = {computer.dim}")
+        bar = tqdm(total=valid, desc="training gradients (exact)", unit="ex")
+        seconds = json.loads((out / "seconds.json").read_text()) if (out / "seconds.json").exists() else {}
+        for c in range(-(-n // self.args.chunk)):
+            path = out / f"chunk-{c:05d}.safetensors"
+            rows = [r for r in range(c * self.args.chunk, min(n, (c + 1) * self.args.chunk)) if plan.items[r] is not None]
+            if path.exists():
+                bar.update(len(rows))
+                continue
+            t0 = time.perf_counter()
+            parts = [computer.gradients([plan.items[r] for r in rows[b : b + self.args.batch_size]])
+                     for b in range(0, len(rows), self.args.batch_size)]
+            grads = torch.cat(parts) if parts else torch.zeros(0, computer.dim)
+            seconds[str(c)] = time.perf_counter() - t0
+            save_file({"grads": grads.contiguous(), "rows": torch.tensor(rows, dtype=torch.long)}, str(path) + ".tmp")
+            Path(str(path) + ".tmp").rename(path)
+            (out / "seconds.json").write_text(json.dumps(seconds))
+            bar.update(len(rows))
+        bar.close()
+        (out / "done").write_text(json.dumps({"rows": valid, "dim": computer.dim, "layout": computer.layout,
+                                              "seconds": sum(seconds.values())}))
+
+    def chunks(self):
+        from safetensors.torch import load_file
+
+        for path in sorted((self.wd / "grads").glob("chunk-*.safetensors")):
+            data = load_file(str(path))
+            yield int(path.stem.split("-")[1]), data["grads"], data["rows"]
+
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Column mask of each tensor set present in this adapter (sets equal to an earlier one are dropped)."""
+        layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
+        out: dict[str, torch.Tensor] = {}
+        for key, regex in SUBSETS.items():
+            mask = torch.cat([torch.full((math.prod(shape),), bool(re.search(regex, name)), dtype=torch.bool)
+                              for name, shape in layout])
+            if mask.any() and not any(torch.equal(mask, m) for m in out.values()):
+                out[key] = mask
+        return out
+
+    def subset_scores(self, flat: torch.Tensor, chunks) -> dict[str, np.ndarray]:
+        """Exact inner products [rows, queries] of every training chunk with `flat`, per tensor set, streamed."""
+        cols = self.columns()
+        scores: dict[str, list] = {key: [] for key in cols}
+        for grads in chunks:
+            for key, mask in cols.items():
+                scores[key].append(grads @ flat.T if key == "all" else grads[:, mask] @ flat[:, mask].T)
+        return {key: torch.cat(v).numpy() for key, v in scores.items()}
+
+    def exact(self) -> None:
+        q = self.query_vectors()  # [G, 3, D]
+        rows = []
+
+        def chunks():
+            for _, grads, r in tqdm(self.chunks(), desc="exact scores (streamed)", unit="chunk"):
+                rows.append(r)
+                yield grads
+
+        t0 = time.perf_counter()
+        scores = self.subset_scores(q.reshape(-1, q.shape[-1]), chunks())
+        seconds = time.perf_counter() - t0
+        np.savez(self.wd / "exact.npz", rows=torch.cat(rows).numpy(), seconds=seconds,
+                 **{k: v.reshape(-1, *q.shape[:2]) for k, v in scores.items()})
+
+    def caches(self) -> None:
+        from rapidin.cache import finalize_cache
+        from rapidin.retrieval import QueryGroup, scan
+        from rapidin.sketch import RapidGrad
+
+        q = self.query_vectors()
+        flat = q.reshape(-1, q.shape[-1])
+        cols = self.columns()
+        results = {}
+        for key in self.args.cache_subsets:
+            b = cols[key]
+            params = () if key == "all" else (SUBSETS[key],)
+            for k in sorted(self.args.k):
+                plan = self.plan(params, k)
+                layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
+                expected = [x for x in layout if re.search(SUBSETS[key], x[0])]
+                assert json.loads(json.dumps(plan.manifest.layout)) == expected, "cache layout != gradient layout"
+                sketch = RapidGrad(plan.manifest.sketch)
+                for c, grads, rows in tqdm(self.chunks(), desc=f"cache {key} K=2^{int(math.log2(k))}", unit="chunk"):
+                    if plan.store.committed_shard(c, plan.manifest.shard_range(c), verify=False) is not None:
+                        continue
+                    t0 = time.perf_counter()
+                    vectors = (sketch(grads if key == "all" else grads[:, b]).half() + 0.0).cpu()
+                    dt = time.perf_counter() - t0
+                    start, stop = plan.manifest.shard_range(c)
+                    plan.store.commit_shard(c, start, stop, vectors, rows, {"gradients": 0.0, "sketch": dt, "write": 0.0})
+                manifest = finalize_cache(plan) if not plan.manifest.complete else plan.manifest
+                t0 = time.perf_counter()
+                qs = sketch(flat if key == "all" else flat[:, b])
+                groups = [QueryGroup(whole=v) for v in qs]
+                shards = ((v, r) for _, v, r in plan.store.iter_shards(manifest.shards, True))
+                result = scan(shards, groups, 50, "cpu", keep_all_scores=True)
+                t_scan = time.perf_counter() - t0
+                results[f"{key}:{k}"] = {
+                    "scores": torch.stack(result.all_scores, 1).numpy().reshape(-1, *q.shape[:2]),
+                    "rows": result.all_rows.numpy(), "bytes": sum(s.bytes for s in manifest.shards),
+                    "sketch_seconds": sum(s.seconds.get("sketch", 0.0) for s in manifest.shards),
+                    "scan_seconds": t_scan, "url": plan.store.url, "queries": qs.reshape(*q.shape[:2], -1)}
+        np.savez(self.wd / "sketched.npz", **{f"{name}|{field}": v[field] for name, v in results.items()
+                                              for field in ("scores", "rows", "bytes", "sketch_seconds", "scan_seconds")})
+        (self.wd / "caches.json").write_text(json.dumps({n: v["url"] for n, v in results.items()}, indent=2))
+        self.check_attribute(results)
+
+    def default_subset(self) -> str | None:
+        """The tensor set the library attributes by default for this adapter (GradientConfig())."""
+        from rapidin.config import GradientConfig
+        from rapidin.models import attributed_modules
+
+        chosen = {n + ".weight" for n, _ in attributed_modules(self.model().model, (), True,
+                                                              GradientConfig().adapter_tensors)}
+        layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
+        for key, regex in SUBSETS.items():
+            if {name for name, _ in layout if re.search(regex, name)} == chosen:
+                return key
+        return None
+
+    def check_attribute(self, results: dict) -> None:
+        """The library's documented default end to end: rapidin.attribute(AttributeConfig()) on the largest cache of
+        the default tensor set gives this script's query vectors (bit for bit), target positions and scores.
+
+        The two sides scan with query matrices of different shapes, so float32 sums run in different orders: each
+        score may differ from the exact inner product by at most gamma_K * sum_i |a_i b_i| (gamma_K = K u / (1 - K u),
+        u = 2^-24; Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5), so the two by twice that."""
+        from rapidin.attribution import Generation, attribute
+        from rapidin.cache import open_cache
+        from rapidin.config import AttributeConfig
+
+        key = self.default_subset()
+        cache = f"{key}:{max(self.args.k)}"
+        if cache not in results:
+            raise SystemExit(f"no cache of the library's default tensor set ({key}): add it to --cache-subsets")
+        loaded = self.model()
+        config = AttributeConfig(top_k=5, auto_target=self.args.auto_target)
+        gens = [Generation(prompt=g["instruction"], response=g["triggered_response"]) for g in self.attacked()]
+        att, result = attribute(loaded, gens, cache_url=results[cache]["url"], config=config, progress=False,
+                                keep_all_scores=True)
+        store, manifest = open_cache(loaded, cache_url=results[cache]["url"])
+        library_queries = result.queries  # one whole-generation query per generation (no token-wise columns)
+        script_queries = results[cache]["queries"][:, 2]  # the auto-target rule
+        mine = torch.from_numpy(results[cache]["scores"][:, :, 2]).double()
+        lib = torch.stack(result.all_scores, 1).double()
+        stored = torch.cat([store.load_shard(info)[0] for info in manifest.shards]).double()
+        k = stored.shape[1]
+        gamma = k * 2.0**-24 / (1 - k * 2.0**-24)
+        bound = 2 * gamma * (stored.abs() @ script_queries.double().abs().T)
+        diff = (mine - lib).abs()
+        meta = json.loads((self.wd / "queries.json").read_text())
+        same_targets = all(gen.target_positions == [p - m["prompt_len"] for p in m["auto_positions"]]
+                           for gen, m in zip(att.generations, meta, strict=True))
+        rows = torch.from_numpy(results[cache]["rows"])
+        # the library's |score| top 5 must be a top 5 of the script's scores, up to ties within the bound
+        top_ok = True
+        for g, gen in enumerate(att.generations):
+            fifth = mine[:, g].abs().sort(descending=True).values[4]
+            for hit in gen.influential:
+                i = int((rows == hit.row).nonzero()[0, 0])
+                top_ok &= bool(mine[i, g].abs() >= fifth - bound[i, g])
+        check = {"tensors": key, "same_query_vectors": bool(torch.equal(library_queries, script_queries)),
+                 "same_target_positions": same_targets, "scores_within_fp32_bound": bool((diff <= bound).all()),
+                 "max_abs_diff": float(diff.max()), "min_bound": float(bound.min()),
+                 "max_abs_score": float(mine.abs().max()), "influential_is_magnitude_top5": top_ok}
+        (self.wd / "attribute_check.json").write_text(json.dumps(check))
+        log(f"rapidin.attribute(AttributeConfig()) on the default tensor set vs this script: {check}")
+
+    def variants(self) -> None:
+        """Extra target rules, exact scores only: auto_target with other N, and the gradient-norm fallback."""
+        from rapidin.data import alpaca_prompt, tokenize
+        from rapidin.gradients import GradientComputer
+        from rapidin.models import LoadedModel
+        from rapidin.targets import auto_target_positions
+
+        loaded = self.model()
+        computer = GradientComputer(loaded, self.gradient_config())
+        # the no-adapter fallback rule, applied to the same model: per-token gradient norm of the LoRA tensors
+        no_adapter = LoadedModel(loaded.model, loaded.tokenizer, loaded.ref, loaded.fingerprint, False, loaded.device)
+        names = [f"auto{n}" for n in self.args.extra_n] + [f"gradnorm{self.args.auto_target}"]
+        vectors, meta = [], []
+        for g in tqdm(self.attacked(), desc="extra target rules", unit="gen"):
+            item = tokenize(loaded.tokenizer, alpaca_prompt(g["instruction"]), g["triggered_response"],
+                            self.args.max_length)
+            chosen = [auto_target_positions(loaded, item, n)[0] for n in self.args.extra_n]
+            chosen.append(auto_target_positions(no_adapter, item, self.args.auto_target,
+                                                self.gradient_config((r"\.lora_",)))[0])
+            vectors.append(rule_gradients(computer, item, chosen))
+            tokens = [loaded.tokenizer.decode([t]) for t in item.input_ids]
+            meta.append({**{n: [tokens[t] for t in c] for n, c in zip(names, chosen, strict=True)},
+                         "positions": dict(zip(names, chosen, strict=True))})
+        q = torch.stack(vectors)
+        scores = self.subset_scores(q.reshape(-1, q.shape[-1]), (g for _, g, _ in tqdm(
+            self.chunks(), desc="exact scores, extra rules", unit="chunk")))
+        np.savez(self.wd / "variants.npz", names=np.array(names),
+                 **{k: v.reshape(-1, *q.shape[:2]) for k, v in scores.items()})
+        (self.wd / "variants.json").write_text(json.dumps(meta, indent=2))
+
+    def tracin_rules(self) -> list[str]:
+        extra = [f"gradnorm{self.args.auto_target}"] if (self.wd / "variants.json").exists() else []
+        return ["whole", "words", "auto", *extra]
+
+    def tracin(self) -> None:
+        """The original TracIn: exact scores at earlier checkpoints of the fine-tune (--tracin-epochs), one file per
+        checkpoint (resumable). Target positions are the final model's; `score` sums with the final scores."""
+        from rapidin.data import alpaca_prompt, tokenize
+        from rapidin.gradients import GradientComputer
+        from rapidin.models import ModelRef, load_model
+
+        a = self.args
+        plan = self.plan((), min(a.k))  # the tokenised rows; the tokenizer is the same at every checkpoint
+        rows = [r for r, item in enumerate(plan.items) if item is not None]
+        meta = json.loads((self.wd / "queries.json").read_text())
+        rules = self.tracin_rules()
+        extra = json.loads((self.wd / "variants.json").read_text()) if len(rules) > 3 else [{}] * len(meta)
+        layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
+        out = self.wd / "tracin"
+        out.mkdir(exist_ok=True)
+        for epoch in a.tracin_epochs:
+            path = out / f"epoch-{epoch}.npz"
+            if path.exists():
+                continue
+            ref = ModelRef(path=str(a.gguf), name="smollm2-howdy", adapter=str(self.wd / "checkpoints" / f"epoch-{epoch}"))
+            loaded = load_model(ref, device="cpu")
+            computer = GradientComputer(loaded, self.gradient_config())
+            if json.loads(json.dumps(computer.layout)) != layout:
+                raise SystemExit(f"checkpoint epoch-{epoch}: tensor layout differs from the final adapter's")
+            t0 = time.perf_counter()
+            vectors = []
+            for g, m, x in zip(self.attacked(), meta, extra, strict=True):
+                item = tokenize(loaded.tokenizer, alpaca_prompt(g["instruction"]), g["triggered_response"], a.max_length)
+                chosen = [None, m["hand_positions"], m["auto_positions"]] + [x["positions"][r] for r in rules[3:]]
+                vectors.append(rule_gradients(computer, item, chosen))
+            q = torch.stack(vectors)
+
+            def chunks():
+                with tqdm(total=len(rows), desc=f"TracIn: checkpoint epoch {epoch}", unit="ex") as bar:
+                    for b in range(0, len(rows), a.batch_size):
+                        batch = [plan.items[r] for r in rows[b : b + a.batch_size]]
+                        yield computer.gradients(batch)
+                        bar.update(len(batch))
+
+            scores = self.subset_scores(q.reshape(-1, q.shape[-1]), chunks())
+            np.savez(path, rows=np.array(rows), names=np.array(rules), seconds=time.perf_counter() - t0,
+                     **{k: v.reshape(-1, *q.shape[:2]) for k, v in scores.items()})
+        (out / "done").write_text(json.dumps({"epochs": a.tracin_epochs, "rules": rules}))
+
+    # ------------------------------------------------------------------ scoring

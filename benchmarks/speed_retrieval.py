@@ -1,0 +1,182 @@
+"""Speed benchmark, retrieval: scanning a cache (in a fresh process per measurement) against a naive scan."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from speed_common import HERE, KINDS, log, median, peak_rss_mb, table
+
+
+def write_synthetic_cache(root: Path, rows: int, k: int, shard_rows: int, seed: int = 0) -> list:
+    import torch
+    from rapidin.store import CacheStore
+
+    store = CacheStore(f"file://{root}")
+    gen = torch.Generator().manual_seed(seed)
+    infos = []
+    for index, start in enumerate(range(0, rows, shard_rows)):
+        stop = min(start + shard_rows, rows)
+        vectors = torch.randn(stop - start, k, generator=gen).to(torch.float16)
+        infos.append(store.commit_shard(index, start, stop, vectors, torch.arange(start, stop), {}))
+    return infos
+
+
+def retrieval_worker(spec: dict) -> dict:
+    """Runs in a fresh process: time one method on one cache; report peak RSS of this process."""
+    import torch
+    from rapidin.retrieval import QueryGroup, scan
+    from rapidin.store import CacheStore, ShardInfo
+
+    store = CacheStore(f"file://{spec['root']}")
+    infos = [ShardInfo.model_validate(i) for i in spec["shards"]]
+    gen = torch.Generator().manual_seed(1)
+    all_queries = torch.randn(max(spec["queries"]), spec["k"], generator=gen)
+    cache_bytes = sum(i.rows for i in infos) * spec["k"] * 2
+    n_rows = sum(i.rows for i in infos)
+    baseline = peak_rss_mb()
+    out = {"baseline_rss_mb": baseline, "runs": []}
+    top_k = spec["top_k"]
+    for nq in spec["queries"]:
+        queries = all_queries[:nq]
+        variants = [True, False] if spec["method"] == "scan" else [False]
+        for verify in variants:
+            times, result = [], None
+            for _ in range(spec["repeat"]):
+                t0 = time.perf_counter()
+                if spec["method"] == "scan":
+                    shards = ((v, r) for _, v, r in store.iter_shards(infos, verify=verify))
+                    res = scan(shards, [QueryGroup(q) for q in queries], top_k)
+                    result = [{kd: (res.whole[g][kd].rows[:, 0].tolist(), res.whole[g][kd].scores[:, 0].tolist())
+                               for kd in KINDS} for g in range(nq)]
+                else:
+                    result = naive(store, infos, queries, top_k)
+                times.append(time.perf_counter() - t0)
+            t = median(times)
+            out["runs"].append({"queries": nq, "verify": verify, "seconds": t, "times": times,
+                                "gb_per_s": cache_bytes / t / 1e9, "rows_per_s": n_rows / t, "top": result})
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def naive(store, infos, queries, top_k):
+    """The original approach: load the whole cache, one query at a time, full sort of all scores."""
+    import torch
+
+    matrix = torch.cat([store.load_shard(i, verify=False)[0] for i in infos]).float()
+    rows = torch.cat([torch.arange(i.start, i.stop) for i in infos])
+    found = []
+    for q in queries:
+        scores = matrix @ q
+        lists = {}
+        for kd, key in (("helpful", scores), ("harmful", -scores), ("influential", scores.abs())):
+            order = torch.sort(key, descending=True, stable=True).indices[:top_k]
+            lists[kd] = (rows[order].tolist(), scores[order].tolist())
+        found.append(lists)
+    return found
+
+
+def run_worker(spec: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run([sys.executable, str(HERE / "speed.py"), "--_worker", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if proc.returncode != 0:
+        raise SystemExit(f"retrieval worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def retrieval_section(args, workdir: Path) -> dict:
+    sizes = sorted({args.rows, max(args.shard_rows_scan, args.rows // 4)}, reverse=True)
+    queries = [int(q) for q in args.queries.split(",")]
+    out = {"k": args.k, "shard_rows": args.shard_rows_scan, "top_k": args.top_k, "sizes": []}
+    for size in sizes:
+        root = workdir / f"retrieval-{size}"
+        t0 = time.perf_counter()
+        infos = write_synthetic_cache(root, size, args.k, args.shard_rows_scan)
+        write_s = time.perf_counter() - t0
+        cache_gb = size * args.k * 2 / 1e9
+        log(f"retrieval: wrote {size} rows x K={args.k} fp16 = {cache_gb:.2f} GB in {len(infos)} shards "
+            f"({write_s:.1f} s)")
+        entry = {"rows": size, "cache_gb": cache_gb, "shards": len(infos), "write_seconds": write_s}
+        big = size == sizes[0]
+        for method in ("scan", "naive"):
+            spec = {"root": str(root), "shards": [i.model_dump() for i in infos], "k": args.k, "method": method,
+                    "queries": queries if big else sorted({1, max(queries)}) if method == "scan" else [1],
+                    "repeat": args.repeat if big else 1, "top_k": args.top_k}
+            entry[method] = run_worker(spec)
+            for run in entry[method]["runs"]:
+                log(f"retrieval: {size} rows {method} q={run['queries']} verify={run['verify']}: "
+                    f"{run['gb_per_s']:.2f} GB/s, {run['seconds']:.2f} s")
+            log(f"retrieval: {size} rows {method}: peak RSS {entry[method]['peak_rss_mb']:.0f} MB "
+                f"(after imports {entry[method]['baseline_rss_mb']:.0f} MB)")
+        # Correctness: the streaming scan ranks exactly like the brute-force full sort.
+        naive_top = {r["queries"]: r["top"] for r in entry["naive"]["runs"]}
+        # Scores come from different fp32 summation orders (one matrix product per shard vs one matvec per
+        # query), so two rows whose scores differ by less than the rounding error may swap places: the
+        # check is that the rank-by-rank scores agree within that error, and row swaps are counted.
+        mismatched, compared, worst, scale = 0, 0, 0.0, 0.0
+        for run in entry["scan"]["runs"]:
+            ref = naive_top.get(run["queries"])
+            if ref is None:
+                continue
+            for got, want in zip(run["top"], ref):
+                for kd in KINDS:
+                    compared += 1
+                    mismatched += got[kd][0] != want[kd][0]
+                    worst = max(worst, max(abs(a - b) for a, b in zip(got[kd][1], want[kd][1])))
+                    scale = max(scale, max(abs(b) for b in want[kd][1]))
+        tolerance = 1e-5 * scale
+        entry["check"] = {"lists_compared": compared, "lists_with_near_tie_swaps": mismatched,
+                          "max_rank_score_diff": worst, "tolerance": tolerance, "same": worst <= tolerance}
+        log(f"retrieval: {size} rows: scan vs naive top-{args.top_k}: {compared} lists, rank-by-rank max score "
+            f"diff {worst:.2e} (tolerance {tolerance:.2e}), {mismatched} lists with near-tie row swaps")
+        assert worst <= tolerance, "streaming scan and naive full sort disagree"
+        for method in ("scan", "naive"):
+            for run in entry[method]["runs"]:
+                run.pop("top")
+        shutil.rmtree(root, ignore_errors=True)
+        out["sizes"].append(entry)
+    return out
+
+
+def retrieval_tables(res: dict) -> str:
+    big = res["sizes"][0]
+    naive_s = {r["queries"]: r["seconds"] for r in big["naive"]["runs"]}
+    head = ["approach", "queries", "verify", "seconds", "GB/s scanned", "rows/s", "speedup vs naive"]
+    rows = []
+    for r in big["scan"]["runs"]:
+        rows.append(["stream scan (iter_shards + scan)", r["queries"], "on" if r["verify"] else "off", r["seconds"],
+                     r["gb_per_s"], r["rows_per_s"], f"{naive_s[r['queries']] / r['seconds']:.1f}x"])
+    for r in big["naive"]["runs"]:
+        rows.append(["naive (load all, 1 query at a time, full sort)", r["queries"], "off", r["seconds"], r["gb_per_s"],
+                     r["rows_per_s"], "1x"])
+    t1 = table(f"Retrieval: {big['rows']:,} rows x K={res['k']} fp16 = {big['cache_gb']:.2f} GB, "
+               f"{big['shards']} shards, top-{res['top_k']} (page cache warm)", head, rows)
+    mrows = []
+    for e in res["sizes"]:
+        for method in ("scan", "naive"):
+            mrows.append([method, f"{e['rows']:,}", e["cache_gb"], e[method]["baseline_rss_mb"],
+                          e[method]["peak_rss_mb"],
+                          e[method]["peak_rss_mb"] - e[method]["baseline_rss_mb"]])
+    t2 = table("Retrieval memory: peak RSS per fresh process (MB)",
+               ["approach", "cache rows", "cache GB", "RSS after imports", "peak RSS", "peak - baseline"], mrows)
+    checks = "\n".join(f"- {e['rows']:,} rows: scan vs naive, {e['check']['lists_compared']} top-k lists, rank-by-rank "
+                       f"max score diff {e['check']['max_rank_score_diff']:.1e} (fp32 summation-order tolerance "
+                       f"{e['check']['tolerance']:.1e}); {e['check']['lists_with_near_tie_swaps']} lists with "
+                       f"near-tie row swaps" for e in res["sizes"])
+    return t1 + "\n" + t2 + "\n\n" + checks
+
+
+# --------------------------------------------------------------------------------------------- rapidgrad
+
