@@ -54,8 +54,8 @@ def attribute(
                           "token_wise": config.token_wise, "target": ",".join(config.target),
                           "auto_target": config.auto_target, "executor": executor, "generations": len(generations)})
     try:
-        attribution, manifest, used = _attribute(model, generations, config, cache_url, store_url, executor,
-                                                     groups, device, shard_deployment, t0)
+        attribution, manifest, used = _attribute(model, generations, config, cache_url, store_url, executor, groups,
+                                                 device, shard_deployment, t0)
         log_attribution_run(run, attribution, manifest, attribution.timings, used)
     except Exception as exc:
         fail_run_task(run, exc)
@@ -71,8 +71,8 @@ def attribute(
 
 
 def _attribute(model: ModelSpec, generations: list[Generation], config: AttributeConfig, cache_url: str | None,
-               store_url: str | None, executor: ScanExecutor, groups: int | None, device: str | None, shard_deployment: str,
-               t0: float):
+               store_url: str | None, executor: ScanExecutor, groups: int | None, device: str | None,
+               shard_deployment: str, t0: float):
     """The steps: resolve and load the model, open its cache, sketch the queries, scan (here or fanned out), merge,
     assemble. Returns (attribution with its timings, manifest, how the scan ran)."""
     s = settings()

@@ -34,3 +34,15 @@ def test_every_installed_dependency_is_pinned():
             for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
     installed = {d.metadata["Name"].lower().replace("_", "-") for d in distributions()} - {"rapidin", "pip"}
     assert installed <= pins | {"setuptools", "wheel"}, sorted(installed - pins)
+
+
+def test_dependencies_are_byte_compiled():
+    """`make install` leaves bytecode for every package: with PYTHONDONTWRITEBYTECODE set, as on CI, nothing is
+    compiled on import, and each process of the suite would compile torch, Prefect and MLflow again."""
+    import importlib.util
+
+    import prefect
+
+    for module in (torch, prefect):
+        cached = Path(importlib.util.cache_from_source(module.__file__))
+        assert cached.exists(), f"{module.__name__} has no bytecode: run `make install`"
