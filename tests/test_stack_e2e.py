@@ -35,9 +35,9 @@ def test_whole_story_on_the_local_stack(tmp_path):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     try:
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
-        out = tmp_path / "e2e.json"
+        out = tmp_path / "e2e.json"  # 300 rows: two 256-row shards, one shard group for each of gpu-0 and gpu-1
         run = subprocess.run(["bash", "-c", f'source "{stack}/env.sh" && "{sys.executable}" benchmarks/stack_e2e.py '
-                              f'--rows 600 --out "{out}"'], cwd=ROOT, env=env, capture_output=True, text=True,
+                              f'--rows 300 --out "{out}"'], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=900)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         numbers = json.loads(out.read_text())
