@@ -14,6 +14,8 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.settings import PREFECT_UI_URL
 
 import rapidin
 from rapidin.plots import write_plots
@@ -96,20 +98,20 @@ def ratio_metrics(manifest: Manifest) -> dict[str, float]:
             "cache_bytes": float(sum(s.bytes for s in manifest.shards)), "cache_rows": float(manifest.num_rows)}
 
 
-def _log(client: Any, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
-    from mlflow.entities import Metric, Param
+def _log(client: Any, run_id: str, params: dict[str, Any], metrics: dict[str, float],
+         tags: dict[str, str] | None = None) -> None:
+    """Params, metrics and tags in one request."""
+    from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                     params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+                     params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
 
 def prefect_tags() -> dict[str, str]:
     """The Prefect flow run this MLflow run belongs to (its id, name and UI link), when there is one; MLflow shows the
     link as the run's source."""
-    from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_UI_URL
-
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         return {}
@@ -142,8 +144,7 @@ def fail_run(run: dict[str, str], error: BaseException) -> None:
     """End a job's run as FAILED with the reason (one line) as its description and `rapidin.error` tag."""
     client = mlflow_client(settings())
     reason = " ".join(f"{type(error).__name__}: {error}".split())[:5000]
-    client.set_tag(run["run_id"], "rapidin.error", reason)
-    client.set_tag(run["run_id"], "mlflow.note.content", f"Failed: {reason}")
+    _log(client, run["run_id"], {}, {}, {"rapidin.error": reason, "mlflow.note.content": f"Failed: {reason}"})
     client.set_terminated(run["run_id"], "FAILED")
 
 
@@ -200,8 +201,7 @@ def log_attribution(run: dict[str, str], attribution: Attribution, manifest: Man
     the top-k as JSON and Parquet, the report and plots; then FINISHED."""
     client = mlflow_client(settings())
     run_id = run["run_id"]
-    for key, value in (common_tags(manifest, "attribution") | {"cache_url": public_uri(attribution.cache_url)}).items():
-        client.set_tag(run_id, key, value)
+    tags = common_tags(manifest, "attribution") | {"cache_url": public_uri(attribution.cache_url)}
     scan = seconds.get("scan", 0.0)
     metrics = ratio_metrics(manifest) | {
         "retrieval_seconds": scan,
@@ -214,7 +214,7 @@ def log_attribution(run: dict[str, str], attribution: Attribution, manifest: Man
         "seconds_total": seconds.get("total", 0.0),
         "generations": float(len(attribution.generations)),
     }
-    _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics)
+    _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics, tags)
     client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
     client.log_dict(run_id, [{"prompt": g.prompt, "response": g.response, "generated": g.generated}
                              for g in attribution.generations], "generations.json")
