@@ -28,7 +28,7 @@ class MeasureStages:
                           shard_rows=self.args.chunk, skip_bad_rows=True)
 
     def grads(self) -> None:
-        from rapidin.gradients import GradientComputer
+        from rapidin.gradients import GradientComputer, length_batches
         from safetensors.torch import save_file
 
         loaded = self.model()
@@ -48,9 +48,10 @@ class MeasureStages:
                 bar.update(len(rows))
                 continue
             t0 = time.perf_counter()
-            parts = [computer.gradients([plan.items[r] for r in rows[b : b + self.args.batch_size]])
-                     for b in range(0, len(rows), self.args.batch_size)]
-            grads = torch.cat(parts) if parts else torch.zeros(0, computer.dim)
+            items = [plan.items[r] for r in rows]
+            grads = torch.zeros(len(rows), computer.dim)
+            for batch in length_batches(items, self.args.batch_size):  # as the library's cache build batches
+                grads[batch] = computer.gradients([items[i] for i in batch])
             seconds[str(c)] = time.perf_counter() - t0
             save_file({"grads": grads.contiguous(), "rows": torch.tensor(rows, dtype=torch.long)}, str(path) + ".tmp")
             Path(str(path) + ".tmp").rename(path)

@@ -19,8 +19,7 @@ def original_gradient(loaded, params, item):
     from rapidin.gradients import collate, per_example_loss
 
     ids, mask, loss_w = collate([item], loaded.tokenizer.pad_token_id or 0, loaded.device)
-    logits = loaded.model(input_ids=ids, attention_mask=mask).logits
-    loss = per_example_loss(logits, ids, loss_w)[0]
+    loss = per_example_loss(loaded.model, ids, mask, loss_w, trim_logits=False)[0]  # all logits, as the original
     grads = torch.autograd.grad(loss, params)
     return torch.cat([(g.float() / g.float().norm().clamp_min(1e-30)).flatten() for g in grads])
 

@@ -15,7 +15,7 @@ from . import __version__
 from .config import GradientConfig, SketchConfig
 from .data import DataFormat, Example, Tokenized, dataset_fingerprint, load_examples, tokenize
 from .errors import CacheError, DataError
-from .gradients import GradientComputer
+from .gradients import GradientComputer, length_batches
 from .models import LoadedModel
 from .sketch import RapidGrad, make_spec
 from .store import CacheStore, Manifest, ShardInfo, compute_cache_id, find_caches
@@ -131,19 +131,18 @@ def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: RapidGrad,
     rows = [r for r in range(start, stop) if plan.items[r] is not None]
     advance(stop - start - len(rows))  # skipped rows count as done
     seconds = {"gradients": 0.0, "sketch": 0.0, "write": 0.0}
-    parts = []
-    batch = computer.config.batch_size
-    for b in range(0, len(rows), batch):
+    items = [plan.items[r] for r in rows]
+    k = plan.manifest.sketch.config.k
+    vectors = torch.zeros(len(rows), k, dtype=dtype)
+    for batch in length_batches(items, computer.config.batch_size):
         t0 = time.perf_counter()
-        grads = computer.gradients([plan.items[r] for r in rows[b : b + batch]])
+        grads = computer.gradients([items[i] for i in batch])
         t1 = time.perf_counter()
         # "+ 0.0" turns -0.0 into +0.0: zeros whose sign depends on thread scheduling must not change bytes
-        parts.append((sketch(grads).to(dtype) + 0.0).cpu())
+        vectors[batch] = (sketch(grads).to(dtype) + 0.0).cpu()
         seconds["gradients"] += t1 - t0
         seconds["sketch"] += time.perf_counter() - t1
-        advance(len(rows[b : b + batch]))
-    k = plan.manifest.sketch.config.k
-    vectors = torch.cat(parts) if parts else torch.zeros(0, k, dtype=dtype)
+        advance(len(batch))
     t2 = time.perf_counter()
     info = plan.store.commit_shard(index, start, stop, vectors, torch.tensor(rows, dtype=torch.long), seconds)
     return info.model_copy(update={"seconds": {**seconds, "write": time.perf_counter() - t2}})

@@ -67,7 +67,7 @@ def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfi
         batch = [items[i] for i in order[: config.batch_size]]
         del order[: config.batch_size]
         ids, mask, loss_w = collate(batch, loaded.tokenizer.pad_token_id or 0, loaded.device)
-        loss = per_example_loss(model(input_ids=ids, attention_mask=mask).logits, ids, loss_w).mean()
+        loss = per_example_loss(model, ids, mask, loss_w).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -8,7 +8,8 @@ interact, so this equals a batch-1 loop).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +28,9 @@ class GradientComputer:
         self._selected = {id(m.weight) for _, m in self.modules}
         self.layout = [(f"{name}.weight", tuple(m.weight.shape)) for name, m in self.modules]
         self.dim = sum(m.weight.numel() for _, m in self.modules)
+        head = loaded.model.get_output_embeddings()
+        # an attributed output layer needs its input at every position and per example, so it computes all logits
+        self._trim_logits = head is not None and all(m is not head for _, m in self.modules)
 
     @property
     def device(self) -> torch.device:
@@ -51,8 +55,7 @@ class GradientComputer:
             p.requires_grad_(id(p) in self._selected)
         handles = [m.register_forward_hook(keep) for _, m in self.modules]
         try:
-            logits = self.loaded.model(input_ids=ids, attention_mask=mask).logits
-            loss = per_example_loss(logits, ids, loss_w).sum()
+            loss = per_example_loss(self.loaded.model, ids, mask, loss_w, self._trim_logits).sum()
             grads_out = torch.autograd.grad(loss, outputs)
         finally:
             for h in handles:
@@ -86,6 +89,12 @@ class GradientComputer:
         return torch.cat(rows) if rows else torch.zeros(0, self.dim, device=self.device)
 
 
+def length_batches(items: Sequence[Tokenized], batch_size: int) -> list[list[int]]:
+    """Indices of `items` in batches of similar length, so batches pad less (Hugging Face's group_by_length)."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 def collate(
     items: Sequence[Tokenized], pad_id: int, device: torch.device, weights: Sequence[torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,9 +120,33 @@ def _one_hot(length: int, position: int) -> torch.Tensor:
     return w
 
 
-def per_example_loss(logits: torch.Tensor, ids: torch.Tensor, loss_w: torch.Tensor) -> torch.Tensor:
-    """Weighted mean next-token cross-entropy per example (position t is predicted from t-1)."""
-    log_probs = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    token_nll = -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    w = loss_w[:, 1:]
-    return (token_nll * w).sum(1) / w.sum(1).clamp_min(1e-12)
+def per_example_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, loss_w: torch.Tensor,
+                     trim_logits: bool = True) -> torch.Tensor:
+    """Weighted mean next-token cross-entropy per example (position t is predicted from t-1).
+
+    With trim_logits the output layer runs only where a weighted token is predicted: the vocabulary projection is
+    the largest matrix of a small LM (a fifth of SmolLM2-135M's forward), and the response is a third of a row.
+    """
+    rows, cols = (loss_w[:, 1:] != 0).nonzero(as_tuple=True)  # hidden state (row, col) predicts token col + 1
+    with _logits_only_at(model, rows, cols, trim_logits) as trimmed:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    picked = logits[0] if trimmed else logits[rows, cols]
+    log_probs = torch.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1)
+    token_nll = -log_probs.gather(-1, ids[rows, cols + 1, None]).squeeze(-1)
+    summed = torch.zeros(ids.shape[0], dtype=token_nll.dtype, device=ids.device)
+    summed = summed.index_add(0, rows, token_nll * loss_w[rows, cols + 1])
+    return summed / loss_w[:, 1:].sum(1).clamp_min(1e-12)
+
+
+@contextmanager
+def _logits_only_at(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, enabled: bool) -> Iterator[bool]:
+    """While active, the output layer sees only hidden[rows, cols] (as a [1, N, H] batch); yields whether it did."""
+    head = model.get_output_embeddings() if enabled else None
+    if head is None:
+        yield False
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][rows, cols].unsqueeze(0), *args[1:]))
+    try:
+        yield True
+    finally:
+        handle.remove()
