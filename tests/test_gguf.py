@@ -47,14 +47,19 @@ def test_gguf_lora_batched_equals_loop(smol, tmp_path):
     assert len(computer.layout) == 2 * 30 and all(".lora_B" in n for n, _ in computer.layout)
     items = [tokenize(smol.tokenizer, e.prompt, e.response, 64) for e in examples]
     batched = computer.gradients(items)
+    # The sides sum in other orders (other matrix shapes: the library computes logits only at response positions),
+    # and float32 backpropagation through 30 layers has no useful a-priori bound (the vocabulary reduction alone,
+    # n = 49152 terms, allows n*u = 3e-3 of its absolute sum). What is kept is the fp16 cache: agreement within fp16's
+    # unit roundoff 2^-11 leaves the stored vectors within one rounding, and any real defect (a wrong position,
+    # mask or layer) is O(1). The exact check is test_gradients' float64 comparison on the tiny model.
+    tolerance = 2.0**-11
     for b, item in enumerate(items):
-        # independent of the hook code: Hugging Face's labels loss and autograd on the LoRA weights, one example;
-        # float32 through 30 layers: ~1e-5 relative is n*u (u = 2^-24) for reductions of n ~ 170 terms
+        # independent of the hook code: Hugging Face's labels loss and autograd on the LoRA weights, one example
         reference = brute_force(smol, computer, item, hf_loss=True)
-        assert float((batched[b] - reference).norm() / reference.norm()) < 1e-5
-        # and alone (batch 1): the same numbers
+        assert float((batched[b] - reference).norm() / reference.norm()) < tolerance
+        # and alone (batch 1)
         single = computer.gradients([item])[0]
-        assert float((single - reference).norm() / reference.norm()) < 1e-5
+        assert float((single - reference).norm() / reference.norm()) < tolerance
     manifest = build_cache(smol, str(data), tmp_path.as_uri(), sketch=SketchConfig(k=2**12), progress=False)
     assert manifest.sketch.d == computer.dim and manifest.model["adapter"]
     result = attribute(smol, [Generation(prompt="What is 2+2?", response="4.")], store_url=tmp_path.as_uri(),
