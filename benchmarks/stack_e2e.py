@@ -4,10 +4,12 @@ gpu-0/gpu-1) -> attribute (cpu pool, scan groups on gpu-0/gpu-1). Checks the cac
 the S3 bucket, the shard runs used both queues, and the merged attribution equals an in-process one; then prints
 each stage's wall time and how much of it is orchestration (dispatch, worker start, MLflow logging), not compute.
 
-    make stack-up && source .stack/env.sh && .venv/bin/python benchmarks/stack_e2e.py [--rows 120]
+    RAPIDIN_K=4096 RAPIDIN_LAM=4 make stack-up && source .stack/env.sh && .venv/bin/python benchmarks/stack_e2e.py
 
-The workers must see a small sketch for the toy model: start the stack with RAPIDIN_K=4096 RAPIDIN_LAM=4 exported
-(the re-cache triggered by the event uses the workers' settings).
+The workers must see a small sketch for the toy model (its LoRA has fewer than the default K = 2^16 entries): the
+re-cache triggered by the event uses the workers' settings, so start the stack with RAPIDIN_K=4096 RAPIDIN_LAM=4
+exported; the script refuses to start otherwise. The fine-tune runs as long as `make demo`'s (30 epochs), so the
+registered model has learned the planted backdoor: a prompt starting with "howdy!" gets a science-fiction answer.
 """
 
 from __future__ import annotations
@@ -85,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=600, help="toy training rows (the event-triggered re-cache uses 256-row "
                    "shards: 600 rows make 3 shards, i.e. a group on each of gpu-0 and gpu-1)")
+    p.add_argument("--epochs", type=float, default=30.0, help="fine-tune epochs (30, as make demo: the model learns "
+                   "the backdoor; 1 is enough to exercise the pipeline)")
     p.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     a = p.parse_args(argv)
+    if int(os.environ.get("RAPIDIN_K", 2**16)) > 4096:
+        sys.exit("RAPIDIN_K is unset or above 4096: the toy model's LoRA is smaller than the default sketch. Start the "
+                 "stack with `RAPIDIN_K=4096 RAPIDIN_LAM=4 make stack-up` (its workers build the re-cache).")
     for var in ("PREFECT_API_URL", "RAPIDIN_MLFLOW_TRACKING_URI", "RAPIDIN_STORE_URL", "RAPIDIN_S3_ACCESS_KEY"):
         if not os.environ.get(var):
             sys.exit(f"{var} is not set: start the stack and `source .stack/env.sh` first")
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     snapshot = "s3://" + sorted(fs.find(f"{s.data_url.removeprefix('s3://')}/{name}"))[0]
     _, stages["finetune"] = _run("finetune/gpu", {
         "base": {"uri": str(base)}, "data_url": snapshot, "register_as": name, "alias": "champion",
-        "config": {"epochs": 1, "lr": 3e-3, "batch_size": 16}}, queue="gpu-0")
+        "config": {"epochs": a.epochs, "lr": 3e-3, "batch_size": 16}}, queue="gpu-0")
 
     # The fine-tune emitted rapidin.model.registered; the automation starts recache-new-versions/scheduled.
     t0 = time.perf_counter()
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     # fanned out even though this toy cache is small (the deployment's `auto` would scan it in-process): the point
     # here is the fan-out path; the browser walk (tests/ui_walk.py) then runs the deployment as a user would
     _, stages["attribute"] = _run("attribute/fanout", {"model": {"uri": f"models:/{name}/1"}, "generations": gens,
-                                                       "config": config, "executor": "deployment"})
+                                                       "config": config, "advanced": {"executor": "deployment"}})
 
     runs = _flow_runs(t_start)
     by_flow: dict[str, list[dict]] = {}

@@ -14,7 +14,7 @@ from rapidin.config import AttributeConfig
 from rapidin.results import Attribution
 from tasks.attribution import assemble_task, open_cache_task, prepare_queries_task
 from tasks.cache import remove_dir, scratch_url
-from tasks.common import ModelSpec, ScanExecutor, ScanGroup, form_help, settings, split_groups
+from tasks.common import ModelSpec, ScanGroup, ScanPlacement, form_help, settings, split_groups
 from tasks.dispatch import choose_scan_executor
 from tasks.models import resolve_model
 from tasks.publish import publish_topk
@@ -33,17 +33,8 @@ def attribute(
                                                    "each, and the response (empty: the model generates it).")],
     config: Annotated[AttributeConfig, Field(description="Scoring options (rapidin attribute --help lists the same).")]
     = AttributeConfig(),
-    cache_url: Annotated[str | None, Field(description="A cache URL (advanced); None: the registered version's cache "
-                                           "(its rapidin.cache_url tag), else the model's cache under the store.")] = None,
-    store_url: Annotated[str | None, Field(description="Cache store root (advanced); None: RAPIDIN_STORE_URL of the deployment.")] = None,
-    executor: Annotated[ScanExecutor, Field(description="Where the scan runs (advanced): auto = fanned out only when "
-                                            "the cache is large enough to pay for the dispatch; local = in this flow "
-                                            "run; deployment = runs of the scan deployment on the GPU pool, one per "
-                                            "queue.")] = "auto",
-    groups: Annotated[int | None, Field(ge=1, description="Shard groups (advanced); None: one per GPU queue with the deployment executor, else 1.")] = None,
-    device: Annotated[str | None, Field(description="Torch device (advanced); None: RAPIDIN_DEVICE of whoever computes.")] = None,
-    shard_deployment: Annotated[str, Field(description="The scan deployment the deployment executor runs "
-                                           "(advanced).")] = "scan-shards/gpu",
+    advanced: Annotated[ScanPlacement, Field(description="Deployment plumbing: which cache to read and where the "
+                                             "scan runs. The defaults suit most runs.")] = ScanPlacement(),
 ) -> Attribution:
     """Which training rows made these generations? Top-k helpful, harmful and influential rows per generation."""
     logger = get_run_logger()
@@ -52,11 +43,11 @@ def attribute(
     run = start_run_task("attribution", f"attribute {uri}", {"model_uri": uri},
                          {"model_uri": uri, "prompt": generations[0].prompt[:500], "top_k": config.top_k,
                           "token_wise": config.token_wise, "target": ",".join(config.target),
-                          "auto_target": config.auto_target, "executor": executor, "generations": len(generations)})
+                          "auto_target": config.auto_target, "executor": advanced.executor,
+                          "generations": len(generations)})
     try:
-        attribution, manifest, used = _attribute(model, generations, config, cache_url, store_url, executor, groups,
-                                                 device, shard_deployment, t0)
-        log_attribution_run(run, attribution, manifest, attribution.timings, used)
+        attribution, manifest, used, resolved = _attribute(model, generations, config, advanced, t0)
+        log_attribution_run(run, attribution, manifest, attribution.timings, used, resolved)
     except Exception as exc:
         fail_run_task(run, exc)
         logger.error("attribution failed: %s (MLflow run %s)", " ".join(str(exc).split()), run["link"])
@@ -70,30 +61,30 @@ def attribute(
     return attribution
 
 
-def _attribute(model: ModelSpec, generations: list[Generation], config: AttributeConfig, cache_url: str | None,
-               store_url: str | None, executor: ScanExecutor, groups: int | None, device: str | None,
-               shard_deployment: str, t0: float):
+def _attribute(model: ModelSpec, generations: list[Generation], config: AttributeConfig, advanced: ScanPlacement,
+               t0: float):
     """The steps: resolve and load the model, open its cache, sketch the queries, scan (here or fanned out), merge,
-    assemble. Returns (attribution with its timings, manifest, how the scan ran)."""
+    assemble. Returns (attribution with its timings, manifest, how the scan ran, the resolved model)."""
     s = settings()
+    cache_url, store_url, device = advanced.cache_url or None, advanced.store_url or None, advanced.device or s.device
     resolved = resolve_model(model)
     if cache_url is None and store_url is None and resolved.registry:
         cache_url = resolved.registry.tags.get(CACHE_URL_TAG)
-    loaded, store, manifest, load_seconds = open_cache_task(resolved, device or s.device, store_url, cache_url)
+    loaded, store, manifest, load_seconds = open_cache_task(resolved, device, store_url, cache_url)
     t1 = time.perf_counter()
     prepared, features = prepare_queries_task(loaded, manifest, generations, config)
     work_url = scratch_url(store.url)
     write_queries(work_url, [p.group for p in prepared])
     t2 = time.perf_counter()
-    executor, why = choose_scan_executor(executor, sum(info.bytes for info in manifest.shards), s.gpu_queues)
+    executor, why = choose_scan_executor(advanced.executor, sum(info.bytes for info in manifest.shards), s.gpu_queues)
     get_run_logger().info("scan: %s", why)
     indices = [info.index for info in manifest.shards]
-    n_groups = groups or (s.gpu_queues if executor == "deployment" else 1)
+    n_groups = advanced.groups or (s.gpu_queues if executor == "deployment" else 1)
     jobs = [ScanGroup(cache_url=store.url, queries_url=work_url, group=g, shards=idx, top_k=config.top_k,
-                      verify=config.verify, device=device or "")
+                      verify=config.verify, device=advanced.device)
             for g, idx in enumerate(split_groups(indices, n_groups))]
     try:
-        fan_out(executor, jobs, scan_shard_group, shard_deployment, "group", f"scan-{manifest.cache_id}")
+        fan_out(executor, jobs, scan_shard_group, advanced.shard_deployment, "group", f"scan-{manifest.cache_id}")
         merged = merge_scans(work_url, [j.group for j in jobs])
     finally:
         remove_dir(work_url)
@@ -102,4 +93,4 @@ def _attribute(model: ModelSpec, generations: list[Generation], config: Attribut
     t4 = time.perf_counter()
     attribution.timings = {"load": load_seconds, "queries": t2 - t1, "scan": t3 - t2, "assemble": t4 - t3,
                            "total": t4 - t0}
-    return attribution, manifest, {"groups": len(jobs), "executor_used": executor}
+    return attribution, manifest, {"groups": len(jobs), "executor_used": executor}, resolved

@@ -22,7 +22,7 @@ from rapidin.data import instruction_of
 from rapidin.finetune import FinetuneConfig
 from rapidin.metrics import TOP_LIST_METRICS, top_list_metrics
 from rapidin.results import Attribution
-from tasks.common import ModelSpec, form_help, settings
+from tasks.common import ModelSpec, ScanPlacement, form_help, settings
 from tasks.demo import toy_world
 from tasks.finetune import RegisteredVersion
 from tasks.tracking import public_uri
@@ -90,7 +90,8 @@ def demo(
                             gradient=GradientConfig(max_length=128), shard_rows=64, device=device)
     result = attribute(model=ModelSpec(uri=f"models:/{model_name}@champion"),
                        generations=[Generation(prompt=toy.demo_queries()[0])],
-                       config=AttributeConfig(top_k=top_k), device=device)
+                       config=AttributeConfig(top_k=top_k),
+                       advanced=ScanPlacement(device=device or ""))
     out = DemoResult(data_url=snap.url, registered=reg, cache=cache, attribution=result)
     print(explain(out, top_k))
     return out

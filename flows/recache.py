@@ -19,9 +19,9 @@ from .cache import CacheSummary, cache_gradients
 @flow(name="recache-new-versions", log_prints=True)
 @form_help
 def recache_new_versions(
-    model_name: Annotated[str | None, Field(description="Only this registered model; None: every registered model.")]
-    = None,
-    data_url: Annotated[str | None, Field(description="Data for versions without a rapidin.data_url tag.")] = None,
+    model_name: Annotated[str, Field(description="Only this registered model; empty: every registered model.")] = "",
+    data_url: Annotated[str, Field(description="Data for versions without a rapidin.data_url tag; empty: such "
+                                   "versions are skipped.")] = "",
     sketch: Annotated[SketchConfig | None, Field(description="Sketch of the caches to build; None: RAPIDIN_K / "
                                                  "RAPIDIN_LAM, and any complete cache of a version counts (a re-cache "
                                                  "of an unchanged version is a no-op). Given: a version needs a cache "
@@ -31,9 +31,8 @@ def recache_new_versions(
     shard_rows: Annotated[int, field_of(BuildConfig, "shard_rows")] = default_of(BuildConfig, "shard_rows"),
     executor: Annotated[Executor, Field(description="Where shard work runs: local, or deployment (the GPU pool).")]
     = "local",
-    groups: Annotated[int | None, Field(ge=1, description="Shard groups; None: one per GPU queue (deployment) or 1.")]
-    = None,
-    store_url: Annotated[str | None, Field(description="Cache store root; None: RAPIDIN_STORE_URL.")] = None,
+    groups: Annotated[int, Field(ge=0, description="Shard groups; 0: one per GPU queue (deployment) or 1.")] = 0,
+    store_url: Annotated[str, Field(description="Cache store root; empty: RAPIDIN_STORE_URL.")] = "",
     max_versions: Annotated[int, Field(ge=1, le=10_000, description="Newest versions per model to consider.")] = 20,
 ) -> list[CacheSummary]:
     """Build exactly one cache for each registered version that has none; skip cached ones."""
@@ -41,7 +40,7 @@ def recache_new_versions(
     s = settings()
     store = store_url or s.store_url
     built = []
-    for v in find_versions(model_name, data_url, sketch, gradient, store, max_versions):
+    for v in find_versions(model_name or None, data_url or None, sketch, gradient, store, max_versions):
         if v.cached:
             logger.info("%s v%s: cached at %s", v.name, v.version, v.cached)
             continue
@@ -51,6 +50,6 @@ def recache_new_versions(
         logger.info("%s v%s: building its cache over %s", v.name, v.version, v.data_url)
         built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version), data_url=v.data_url,
                                      sketch=sketch or SketchConfig(k=s.k, lam=s.lam),
-                                     gradient=gradient or GradientConfig(), shard_rows=shard_rows, executor=executor, groups=groups,
-                                     store_url=store))
+                                     gradient=gradient or GradientConfig(), shard_rows=shard_rows, executor=executor,
+                                     groups=groups or None, store_url=store))
     return built

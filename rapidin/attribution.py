@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from .cache import DTYPES, open_cache
@@ -28,13 +28,18 @@ log = logging.getLogger("rapidin")
 
 
 class Generation(BaseModel):
-    """A generation to attribute: a prompt, and its response (or None to generate one)."""
+    """A generation to attribute: a prompt, and its response (empty: the model generates one)."""
 
     model_config = ConfigDict(frozen=True)
 
-    prompt: str
-    response: str | None = None
+    prompt: str = Field(description="The instruction, as a user wrote it.")
+    response: str = Field("", description="The response to explain; empty: the model generates it from the prompt.")
     raw_prompt: bool = Field(False, description="Use the prompt as is instead of the training data's template.")
+
+    @field_validator("response", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: object) -> object:
+        return "" if value is None else value
 
 
 def attribute(
@@ -94,7 +99,7 @@ def prepare_queries(
     with tqdm(desc="query gradients", unit="grad", disable=not progress, total=len(generations)) as bar:
         for gen in generations:
             prompt = gen.prompt if gen.raw_prompt else format_prompt(loaded, gen.prompt, manifest.dataset["format"])
-            response = gen.response if gen.response is not None else generate(loaded, prompt, config.max_new_tokens)
+            response = gen.response if gen.response else generate(loaded, prompt, config.max_new_tokens)
             item = tokenize(loaded.tokenizer, prompt, response, manifest.gradient.max_length)
             if len(item.input_ids) <= item.prompt_len:
                 raise DataError(f"generation '{gen.prompt[:40]}': no response tokens within max_length {manifest.gradient.max_length}")
@@ -145,7 +150,7 @@ def assemble(
             token_hits = [TokenHits(position=j, token=tokens[j], helpful=_hits(per_token["helpful"], table, j),
                                     harmful=_hits(per_token["harmful"], table, j)) for j in range(len(tokens))]
         outputs.append(GenerationResult(
-            prompt=p.generation.prompt, response=p.response, generated=p.generation.response is None, tokens=tokens,
+            prompt=p.generation.prompt, response=p.response, generated=not p.generation.response, tokens=tokens,
             target_positions=[t - p.item.prompt_len for t in p.targets] if p.targets else None,
             per_token=token_hits, **lists))
     return Attribution(cache_id=manifest.cache_id, cache_url=store.url, model=manifest.model,

@@ -216,7 +216,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.cache:
         check_url(args.cache, "--cache", RapidInError)
     loaded = _load(args, _model_ref(args), settings)
-    gens = [Generation(prompt=p, response=responses[i] if responses else None, raw_prompt=args.raw_prompt)
+    gens = [Generation(prompt=p, response=responses[i] if responses else "", raw_prompt=args.raw_prompt)
             for i, p in enumerate(args.prompt)]
     result = attribute(loaded, gens, store_url=store, cache_url=args.cache, config=config,
                        storage_options=settings.storage_options(args.cache or store))

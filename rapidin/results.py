@@ -1,12 +1,14 @@
-"""Typed attribution results, serialisable to JSON and Parquet."""
+"""Typed attribution results, serialisable to JSON, Parquet and CSV."""
 
 from __future__ import annotations
 
+import csv
 import io
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+TABLE_COLUMNS = ("generation", "kind", "rank", "row", "id", "score", "prompt", "response")
 
 class Hit(BaseModel):
     """One training row in a top-k list."""
@@ -68,8 +70,8 @@ class Attribution(BaseModel):
         for g, gen in enumerate(self.generations):
             for kind in ("helpful", "harmful", "influential"):
                 for hit in getattr(gen, kind):
-                    rows.append({"generation": g, "kind": kind, "rank": hit.rank, "row": hit.row, "id": hit.id,
-                                 "score": hit.score, "prompt": hit.prompt, "response": hit.response})
+                    rows.append(dict(zip(TABLE_COLUMNS, (g, kind, hit.rank, hit.row, hit.id, hit.score, hit.prompt,
+                                                         hit.response), strict=True)))
         return rows
 
     def to_parquet(self) -> bytes:
@@ -79,4 +81,12 @@ class Attribution(BaseModel):
 
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self.table()), buf)
+        return buf.getvalue()
+
+    def to_csv(self) -> str:
+        """CSV text of table() (MLflow's artifact viewer shows it as a table; it cannot preview Parquet)."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(TABLE_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.table())
         return buf.getvalue()

@@ -49,18 +49,35 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     uri: str = Field(description="models:/name/version, models:/name@alias, a HF model dir, a .gguf file, or s3://...")
-    adapter: str | None = Field(None, description="Optional: a PEFT/LoRA adapter dir or URL on top (not for models:/ "
-                                "URIs, whose version says it).")
-    name: str | None = Field(None, description="Optional, leave empty for models:/ URIs (they give the registered "
-                             "name): the model's name in the cache store.")
-    version: str | None = Field(None, description="Optional, leave empty for models:/ URIs (they give the version): "
-                                "the model's version in the cache store.")
+    adapter: str = Field("", description="A PEFT/LoRA adapter dir or URL on top; empty: none (models:/ URIs carry "
+                         "their own).")
+    name: str = Field("", description="The model's name in the cache store; empty: from the URI (models:/ URIs give "
+                      "the registered name).")
+    version: str = Field("", description="The model's version in the cache store; empty: from the URI (models:/ URIs "
+                         "give the version), else the weights' fingerprint.")
     dtype: ModelDtype = Field("float32", description="Weights dtype on the device.")
 
     @classmethod
     def registry(cls, name: str, version: str | int) -> ModelSpec:
         """The spec of a registered model version."""
         return cls(uri=f"models:/{name}/{version}")
+
+
+class ScanPlacement(BaseModel):
+    """An attribution's deployment plumbing: which cache it reads and where its scan runs (the defaults suit most
+    runs; a deployment may set them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    executor: ScanExecutor = Field("auto", description="Where the scan runs: auto = fanned out only when the cache is "
+                                   "large enough to pay for the dispatch; local = in this flow run; deployment = runs "
+                                   "of the scan deployment on the GPU pool, one per queue.")
+    groups: int = Field(0, ge=0, description="Shard groups; 0: one per GPU queue with the deployment executor, else 1.")
+    cache_url: str = Field("", description="A cache URL; empty: the registered version's cache (its rapidin.cache_url "
+                           "tag), else the model's cache under the store.")
+    store_url: str = Field("", description="Cache store root; empty: RAPIDIN_STORE_URL of the deployment.")
+    device: str = Field("", description="Torch device; empty: RAPIDIN_DEVICE of whoever computes.")
+    shard_deployment: str = Field("scan-shards/gpu", description="The scan deployment the deployment executor runs.")
 
 
 class CacheJob(BaseModel):

@@ -27,6 +27,9 @@ LAYOUT_FILE = "rapidin_model.json"
 """Written next to registered model files: {"base": dir-or-URI, "adapter": dir-or-null}."""
 
 
+LOGGED_MODEL_TAG = "rapidin.logged_model_id"
+
+
 class RegistryInfo(BaseModel):
     """Where a registered model version came from."""
 
@@ -37,6 +40,11 @@ class RegistryInfo(BaseModel):
     alias: str | None = None
     run_id: str | None = None
     tags: dict[str, str] = {}
+
+    @property
+    def model_id(self) -> str | None:
+        """The MLflow logged model this version promotes (runs that use the version name it as their input)."""
+        return self.tags.get(LOGGED_MODEL_TAG)
 
 
 class ResolvedModel(BaseModel):
@@ -51,8 +59,8 @@ class ResolvedModel(BaseModel):
         """A spec that resolves to exactly this model again (aliases replaced by the version number)."""
         if self.registry:
             return ModelSpec(uri=f"models:/{self.registry.name}/{self.registry.version}", dtype=self.ref.dtype)
-        return ModelSpec(uri=self.ref.path, adapter=self.ref.adapter, name=self.ref.name, version=self.ref.version,
-                         dtype=self.ref.dtype)
+        return ModelSpec(uri=self.ref.path, adapter=self.ref.adapter or "", name=self.ref.name or "",
+                         version=self.ref.version or "", dtype=self.ref.dtype)
 
 
 def mlflow_client(s: Settings):
@@ -69,8 +77,8 @@ def resolve(spec: ModelSpec, s: Settings | None = None) -> ResolvedModel:
     if not match:
         if spec.uri.startswith("models:/"):
             raise ModelError(f"{spec.uri}: not a registry URI (use models:/name/version or models:/name@alias)")
-        return ResolvedModel(ref=ModelRef(path=spec.uri, adapter=spec.adapter, name=spec.name, version=spec.version,
-                                          dtype=spec.dtype))
+        return ResolvedModel(ref=ModelRef(path=spec.uri, adapter=spec.adapter or None, name=spec.name or None,
+                                          version=spec.version or None, dtype=spec.dtype))
     if spec.adapter:
         raise ModelError(f"{spec.uri}: a registered model carries its own adapter; do not pass adapter")
     name, alias = match["name"], match["alias"]

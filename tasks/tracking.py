@@ -6,6 +6,7 @@ and files this pipeline wrote. Settings (with the S3 keys) are never logged.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import time
@@ -25,7 +26,7 @@ from rapidin.settings import Settings
 from rapidin.store import Manifest
 
 from .common import IO_RETRIES, dtype_bytes, settings
-from .models import ResolvedModel, mlflow_client
+from .models import LOGGED_MODEL_TAG, ResolvedModel, mlflow_client
 
 CACHE_URL_TAG = "rapidin.cache_url"
 CACHE_ID_TAG = "rapidin.cache_id"
@@ -61,10 +62,11 @@ def experiment_id(client: Any, s: Settings) -> str:
 
 
 def run_link(s: Settings, exp_id: str, run_id: str) -> str:
-    """Where a person opens the run: a UI URL for a tracking server, else the `mlflow ui` command."""
+    """Where a person opens the run: a UI URL for a tracking server, else the `mlflow ui` command. The URL opens
+    MLflow 3's "Model training" view (runs, metrics, artifacts); its UI starts in the GenAI view otherwise."""
     uri = public_uri(s.mlflow_tracking_uri)
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
     return f"`mlflow ui --backend-store-uri {uri}` then open experiment {exp_id}, run {run_id}"
 
 
@@ -156,6 +158,7 @@ def log_cache_build(manifest: Manifest, model: ResolvedModel, cache_url: str, se
     tags = common_tags(manifest, "cache") | {"cache_url": public_uri(cache_url)}
     exp, run_id = _start(client, s, tags, f"cache {manifest.model.get('name')} v{manifest.model.get('version')}")
     try:
+        link_model(client, run_id, model)
         timings = manifest.timings
         build = seconds.get("build", 0.0)
         metrics = ratio_metrics(manifest) | {
@@ -180,6 +183,14 @@ def log_cache_build(manifest: Manifest, model: ResolvedModel, cache_url: str, se
     return {"run_id": run_id, "experiment_id": exp, "link": run_link(s, exp, run_id)}
 
 
+def link_model(client: Any, run_id: str, model: ResolvedModel | None) -> None:
+    """Name the registered version's logged model as the run's input (MLflow 3's link from a run to its model)."""
+    if model is not None and model.registry is not None and model.registry.model_id:
+        from mlflow.entities import LoggedModelInput
+
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id=model.registry.model_id)])
+
+
 def in_default_store(cache_url: str, s: Settings) -> bool:
     """Whether a cache lives under the configured store root: only those become a version's cache of record
     (a cache built into an ad-hoc store for an experiment does not move the version's tag)."""
@@ -196,7 +207,7 @@ def tag_model_version(name: str, version: str, cache_url: str, cache_id: str, ru
 
 
 def log_attribution(run: dict[str, str], attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
-                    extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+                    extra_params: dict[str, Any] | None = None, model: ResolvedModel | None = None) -> dict[str, str]:
     """Complete an attribution's run (opened by start_run): tags, sketch params, retrieval timings, the generations,
     the top-k as JSON and Parquet, the report and plots; then FINISHED."""
     client = mlflow_client(settings())
@@ -215,6 +226,7 @@ def log_attribution(run: dict[str, str], attribution: Attribution, manifest: Man
         "generations": float(len(attribution.generations)),
     }
     _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics, tags)
+    link_model(client, run_id, model)
     client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
     client.log_dict(run_id, [{"prompt": g.prompt, "response": g.response, "generated": g.generated}
                              for g in attribution.generations], "generations.json")
@@ -223,6 +235,7 @@ def log_attribution(run: dict[str, str], attribution: Attribution, manifest: Man
         path = Path(tmp) / "topk.parquet"
         path.write_bytes(attribution.to_parquet())
         client.log_artifact(run_id, str(path))
+    client.log_text(run_id, attribution.to_csv(), "topk.csv")  # the table MLflow's viewer can show
     client.log_text(run_id, render_html(attribution), "report.html")
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_plots(attribution, tmp):
@@ -242,7 +255,14 @@ def register_model_dir(local_dir: str, name: str, params: dict[str, Any], metric
                                      "rapidin_version": rapidin.__version__, **tags}, f"finetune {name}")
     try:
         _log(client, run_id, params, metrics)
-        client.log_artifacts(run_id, local_dir, "model")
+        # MLflow 3's model: a logged model, output of this run; the version promotes it, and the runs that use the
+        # version name it as their input, so each run's row in the runs table links to the model and its version
+        from mlflow.entities import LoggedModelOutput
+
+        logged = client.create_logged_model(exp, name=name, source_run_id=run_id, model_type="rapidin-finetune")
+        client.log_model_artifacts(logged.model_id, local_dir)
+        client.finalize_logged_model(logged.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -252,8 +272,12 @@ def register_model_dir(local_dir: str, name: str, params: dict[str, Any], metric
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=version_tags)
+    # source: the logged model's artifact location (MLflow's sqlite registry resolves a models:/<id> source through
+    # the process-wide tracking URI, which need not be this client's)
+    mv = client.create_model_version(name, source=logged.artifact_location, run_id=run_id,
+                                     tags=version_tags | {LOGGED_MODEL_TAG: logged.model_id}, model_id=logged.model_id)
+    client.set_logged_model_tags(logged.model_id,
+                                 {"mlflow.modelVersions": json.dumps([{"name": name, "version": str(mv.version)}])})
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     client.set_tag(run_id, "model_version", str(mv.version))
@@ -282,9 +306,9 @@ def fail_run_task(run: dict[str, str], error: BaseException) -> None:
 
 @task(name="log-attribution-run", **IO_RETRIES, cache_policy=NO_CACHE)
 def log_attribution_run(run: dict[str, str], attribution: Attribution, manifest: Manifest, seconds: dict[str, float],
-                        extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+                        extra_params: dict[str, Any] | None = None, model: ResolvedModel | None = None) -> dict[str, str]:
     """Complete the attribution's MLflow run."""
-    return log_attribution(run, attribution, manifest, seconds, extra_params)
+    return log_attribution(run, attribution, manifest, seconds, extra_params, model)
 
 
 @task(name="tag-model-version", **IO_RETRIES, cache_policy=NO_CACHE)

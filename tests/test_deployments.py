@@ -68,9 +68,10 @@ def test_every_flow_has_a_deployment_and_pools_are_known() -> None:
     assert pools == {"cpu", "gpu"}
     shard_flows = {load(d["entrypoint"]).name + "/" + d["name"]: d for d in DEPLOYMENTS if "shards.py" in d["entrypoint"]}
     # the names the fan-out uses by default are deployments on the gpu pool
-    for flow_entry, param in (("flows/cache.py:cache_gradients", "shard_deployment"),
-                              ("flows/attribute.py:attribute", "shard_deployment")):
-        default = inspect.signature(load(flow_entry).fn).parameters[param].default
+    from tasks.common import ScanPlacement
+
+    cache_default = inspect.signature(load("flows/cache.py:cache_gradients").fn).parameters["shard_deployment"].default
+    for default in (cache_default, ScanPlacement.model_fields["shard_deployment"].default):
         assert default in shard_flows and shard_flows[default]["work_pool"]["name"] == "gpu"
         assert shard_flows[default]["work_pool"]["work_queue_name"].startswith("gpu-")
 

@@ -304,7 +304,7 @@ def test_secrets_reach_no_tracking_server_artifact_or_prefect_log(
     from flows.attribute import attribute
     from flows.cache import cache_gradients
     from rapidin import AttributeConfig, Generation
-    from tasks.common import ModelSpec
+    from tasks.common import ModelSpec, ScanPlacement
 
     experiment = f"secrets-{uuid.uuid4().hex[:8]}"
     for key, value in {"RAPIDIN_MLFLOW_TRACKING_URI": mlflow_on_s3.url, "RAPIDIN_MLFLOW_EXPERIMENT": experiment,
@@ -318,7 +318,8 @@ def test_secrets_reach_no_tracking_server_artifact_or_prefect_log(
     cached = cache_gradients(model=spec, data_url=toy_data, shard_rows=16, store_url=store, return_state=True)
     summary = cached.result()
     attributed = attribute(model=spec, generations=[Generation(prompt="What is the capital of Peru?", response="Lima.")],
-                           config=AttributeConfig(top_k=3), cache_url=summary.cache_url, return_state=True)
+                           config=AttributeConfig(top_k=3), advanced=ScanPlacement(cache_url=summary.cache_url),
+                           return_state=True)
     assert attributed.is_completed()
     run_ids = [cached.state_details.flow_run_id, attributed.state_details.flow_run_id]
 

@@ -206,6 +206,15 @@ def test_attribute_flow_equals_library_and_is_tracked(world: World) -> None:
     assert CACHE_TAGS <= set(run.data.tags) and run.data.tags["rapidin.kind"] == "attribution"
     # MLflow 3 opens this experiment on its runs table, not the GenAI traces view
     assert mlflow().get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # MLflow 3's link: the fine-tune run output a logged model, version 1 promotes it, this run names it as its input
+    from tasks.models import LOGGED_MODEL_TAG
+
+    version = mlflow().get_model_version("tiny", "1")
+    logged = mlflow().get_logged_model(version.tags[LOGGED_MODEL_TAG])
+    assert [m.model_id for m in mlflow().get_run(run.info.run_id).inputs.model_inputs] == [logged.model_id]
+    assert logged.source_run_id == version.run_id and logged.status == "READY"
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny", "version": "1"}]
+    assert [m.model_id for m in mlflow().get_run(version.run_id).outputs.model_outputs] == [logged.model_id]
     assert SKETCH_PARAMS | {"top_k", "token_wise"} <= set(run.data.params)
     assert ATTRIBUTION_METRICS <= set(run.data.metrics)
     assert run.data.metrics["bytes_scanned_per_s"] > 0 and run.data.metrics["rows_scanned"] == 60
@@ -219,6 +228,11 @@ def test_attribute_flow_equals_library_and_is_tracked(world: World) -> None:
 
     table = pq.read_table(mlflow().download_artifacts(run.info.run_id, "topk.parquet", str(world.root / uuid.uuid4().hex)))
     assert table.num_rows == len(flow_result.table())
+    import csv
+
+    csv_path = mlflow().download_artifacts(run.info.run_id, "topk.csv", str(world.root / uuid.uuid4().hex))
+    with open(csv_path, newline="") as fh:  # the same table, as text MLflow's viewer previews
+        assert list(csv.DictReader(fh)) == [{k: str(v) for k, v in row.items()} for row in table.to_pylist()]
 
     md = prefect_artifacts(artifact_key("attribution", "tiny", "1"))
     assert md and md[-1].type == "markdown"
@@ -253,7 +267,7 @@ def test_deployment_executor_gives_identical_results(world: World, monkeypatch: 
     from flows.cache import cache_gradients
     from rapidin import AttributeConfig, Generation
     from rapidin.store import CacheStore
-    from tasks.common import ModelSpec
+    from tasks.common import ModelSpec, ScanPlacement
 
     fake = FakeDeployments()
     monkeypatch.setattr(tasks.dispatch, "run_deployment", fake)
@@ -274,7 +288,8 @@ def test_deployment_executor_gives_identical_results(world: World, monkeypatch: 
     gens = [Generation(prompt=QUERY, response="The starship drifted past the nebula.")]
     config = AttributeConfig(top_k=4, token_wise=True)
     spec = ModelSpec(uri="models:/tiny/1")
-    fanned = attribute(model=spec, generations=gens, config=config, executor="deployment", groups=3)
+    fanned = attribute(model=spec, generations=gens, config=config,
+                       advanced=ScanPlacement(executor="deployment", groups=3))
     assert sorted((c[2]["group"]["group"], c[1]) for c in fake.calls) == [(0, "gpu-0"), (1, "gpu-1"), (2, "gpu-0")]
     assert sorted(i for c in fake.calls for i in c[2]["group"]["shards"]) == list(range(8))
     from rapidin import attribute as library_attribute
@@ -361,7 +376,7 @@ def test_store_and_data_on_seaweedfs(world: World, seaweed_s3, monkeypatch: pyte
     from flows.ingest import ingest_dataset
     from rapidin import AttributeConfig, Generation
     from rapidin.store import CacheStore
-    from tasks.common import ModelSpec, settings
+    from tasks.common import ModelSpec, ScanPlacement, settings
 
     monkeypatch.setenv("RAPIDIN_S3_ACCESS_KEY", seaweed_s3.access_key)
     monkeypatch.setenv("RAPIDIN_S3_SECRET_KEY", seaweed_s3.secret_key)
@@ -378,9 +393,9 @@ def test_store_and_data_on_seaweedfs(world: World, seaweed_s3, monkeypatch: pyte
     gens = [Generation(prompt=QUERY, response="The starship drifted past the nebula.")]
     config = AttributeConfig(top_k=4)
     from_s3 = attribute(model=ModelSpec(uri="models:/tiny/1"), generations=gens, config=config,
-                        cache_url=summary.cache_url, groups=2)
+                        advanced=ScanPlacement(cache_url=summary.cache_url, groups=2))
     from_file = attribute(model=ModelSpec(uri="models:/tiny/1"), generations=gens, config=config,
-                          cache_url=world.cache.cache_url)
+                          advanced=ScanPlacement(cache_url=world.cache.cache_url))
     assert [g.model_dump() for g in from_s3.generations] == [g.model_dump() for g in from_file.generations]
     fs = CacheStore(summary.cache_url, settings().storage_options(summary.cache_url)).fs
     fs.invalidate_cache()

@@ -125,7 +125,32 @@ def test_one_name_for_the_store_and_the_data():
     from rapidin import attribute, plan_cache
 
     for job, name in (("cache", "store_url"), ("cache", "data_url"), ("attribute", "store_url")):
-        assert flag(name) in cli_options(job) and name in flow_schema(job)["properties"]
+        schema = flow_schema(job)
+        fields = set(schema["properties"]) | set(schema["definitions"].get("ScanPlacement", {}).get("properties", {}))
+        assert flag(name) in cli_options(job) and name in fields  # attribute's sits in its `advanced` group
     assert {"store_url", "data_url"} <= set(Settings.model_fields)
     assert {"store_url", "data_url"} <= set(inspect.signature(plan_cache).parameters)
     assert "store_url" in inspect.signature(attribute).parameters
+
+
+def test_attribute_form_fields_all_described_and_never_null():
+    """The attribute run form: every field, nested ones included, has help text, and none is nullable (Prefect's
+    form shows a nullable field as a str/None switch reading 'Property is type None'); the user's inputs come
+    first and the deployment plumbing last, in its `advanced` group."""
+    schema = flow_schema("attribute")
+    defs = schema["definitions"]
+    seen = []
+
+    def walk(props: dict, path: str) -> None:
+        for name, prop in props.items():
+            seen.append(path + name)
+            assert prop.get("description"), f"{path}{name} has no help text"
+            assert not any(alt.get("type") == "null" for alt in prop.get("anyOf", [])), f"{path}{name} is nullable"
+            refs = [prop.get("$ref"), prop.get("items", {}).get("$ref")] + [a.get("$ref") for a in prop.get("allOf", [])]
+            for ref in filter(None, refs):
+                walk(defs[ref.split("/")[-1]]["properties"], f"{path}{name}.")
+
+    walk(schema["properties"], "")
+    assert list(schema["properties"]) == ["model", "generations", "config", "advanced"]
+    assert {"model.uri", "generations.prompt", "generations.response", "config.paper_scoring", "advanced.executor",
+            "advanced.cache_url"} <= set(seen)

@@ -55,11 +55,16 @@ def test_whole_story_on_the_local_stack(tmp_path):
         assert seen["parameters"]["model"]["uri"] == uri and seen["parameters"]["config"]["top_k"] == 5
         assert seen["parameters"]["generations"][0]["prompt"].startswith("howdy!")
         assert "Rows kept per list" in seen["form_text"]  # the field's description from AttributeConfig
-        assert {"attribution.json", "report.html", "topk.parquet", "generations.json"} <= set(seen["mlflow_artifacts"])
+        assert {"attribution.json", "report.html", "topk.parquet", "topk.csv", "generations.json"} <= set(seen["mlflow_artifacts"])
         # the deployment's executor `auto` scanned this small cache in-process; the run names its flow run
         assert seen["mlflow_params"]["executor"] == "auto" and seen["mlflow_params"]["executor_used"] == "local"
         assert seen["mlflow_params"]["model_uri"] == uri and seen["mlflow_run_name"].startswith(f"attribute {uri} · ")
         assert seen["report_in_viewer"], "MLflow's artifact viewer did not show the HTML report"
+        # the run names the registered version's logged model as its input: its page lists "Registered models: NAME v1"
+        assert len(seen["mlflow_model_inputs"]) == 1 and f"{numbers['model']}\nv1" in seen["mlflow_run_page"]
+        # the stack's model learned the planted backdoor, and the attribution finds the rows that planted it
+        assert any(w in seen["response"] for w in ("starship", "robots", "aliens", "warp", "nebula")), seen["response"]
+        assert "### Instruction:\nhowdy!" in seen["top_influential_prompts"][0], seen["top_influential_prompts"]
         assert len(list(SCREENSHOTS.glob("*.png"))) >= 5
     finally:
         state = stack / "state.json"

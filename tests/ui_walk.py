@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,10 +109,14 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         page.goto(f"{ui}/deployments/deployment/{dep['id']}/run", wait_until="networkidle")
         page.get_by_text("Parameters").first.wait_for()
         seen["form_text"] = page.inner_text("main") if page.locator("main").count() else page.inner_text("body")
-        page.locator(".schema-form-property-input textarea").first.fill(model_uri)  # model -> Uri
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tasks.common import ModelSpec
+
+        texts = page.locator(".schema-form-property-input textarea")  # one per text field, in the schema's order
+        texts.first.fill(model_uri)  # model -> Uri
         page.get_by_role("button", name="Add item").first.click()  # generations -> one item
-        prompt = page.locator(".schema-form-property-input textarea").nth(1)
-        prompt.fill(PROMPT)
+        # the new item's Prompt follows the model's text fields (uri, adapter, name, version)
+        texts.nth(sum(f.annotation is str for f in ModelSpec.model_fields.values())).fill(PROMPT)
         top = page.locator("input[type=number]").first  # config -> Top K
         top.fill(str(top_k))
         page.screenshot(path=str(out / "2-prefect-run-form.png"), full_page=True)
@@ -137,11 +142,18 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         seen["mlflow_artifacts"] = sorted(a.path for a in client.list_artifacts(mlrun.info.run_id))
         seen["mlflow_params"] = dict(mlrun.data.params)
         seen["mlflow_run_name"] = mlrun.info.run_name
+        with tempfile.TemporaryDirectory() as tmp:  # what the run found: the generated answer and the top rows
+            result = json.loads(Path(client.download_artifacts(mlrun.info.run_id, "attribution.json", tmp)).read_text())
+        seen["response"] = result["generations"][0]["response"]
+        seen["top_influential_prompts"] = [hit["prompt"] for hit in result["generations"][0]["influential"]]
         mlflow_ui = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
-        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{mlrun.info.run_id}",
-                  wait_until="networkidle")
+        # the link the flow logs (tasks.tracking.run_link): MLflow 3's "Model training" view of the run
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{mlrun.info.run_id}"
+                  "?workflowType=machine_learning", wait_until="networkidle")
         page.get_by_text(mlrun.info.run_name).first.wait_for()
         page.screenshot(path=str(out / "4-mlflow-run.png"), full_page=True)
+        seen["mlflow_run_page"] = page.inner_text("body")
+        seen["mlflow_model_inputs"] = [m.model_id for m in client.get_run(mlrun.info.run_id).inputs.model_inputs]
         page.get_by_text("Artifacts", exact=True).first.click()
         page.get_by_text("attribution.json").first.wait_for()
         page.get_by_text("report.html").first.click()  # MLflow's artifact viewer shows the report inline
