@@ -8,6 +8,8 @@ No pickle anywhere.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import io
 import json
@@ -29,6 +31,21 @@ from .sketch import RapidGradSpec
 from .urls import check_url
 
 SCHEMA_VERSION = 2  # 2: GradientConfig.adapter_tensors (a v1 manifest does not say which adapter tensors)
+
+
+@atexit.register
+def _stop_fsspec_io_thread() -> None:
+    """Stop fsspec's IO loop (s3fs runs in it) before the interpreter shuts down. That daemon thread keeps waking for
+    connection timers; once finalization has begun, a garbage collection it triggers can free torch tensors, whose
+    destructor lets the GIL go and is killed taking it back: std::terminate, exit status 134 after a good run."""
+    from fsspec import asyn
+
+    thread, loop = asyn.iothread[0], asyn.loop[0]
+    if thread is None or loop is None or not thread.is_alive():
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    gc.collect()  # cycles holding tensors go now, from this thread, while it may still take the GIL back
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:

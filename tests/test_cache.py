@@ -134,3 +134,37 @@ def test_s3_wrong_credentials_write_nothing(tiny, toy_data, seaweed_s3):
 
     fs = fsspec.filesystem("s3", **seaweed_s3.storage_options())
     assert not fs.exists(f"{seaweed_s3.bucket}/denied")
+
+
+EXIT_RACE = """
+import sys, time
+import torch, fsspec.asyn
+import rapidin.store  # its exit hook stops fsspec's IO loop before the interpreter shuts down
+
+loop = fsspec.asyn.get_loop()  # the loop s3fs runs in, a daemon thread
+
+
+def churn():  # what connection timers do, often: wake the loop thread, which then collects cycles holding tensors
+    for _ in range(50):
+        cycle = [None]
+        weight = torch.ones(4, requires_grad=True)
+        cycle[0] = (cycle, weight[1:] * 1)
+    loop.call_later(0.0005, churn)
+
+
+loop.call_soon_threadsafe(churn)
+time.sleep(0.5)
+"""
+
+
+def test_a_process_that_used_fsspecs_io_loop_exits_cleanly(tmp_path):
+    """Without the hook this script aborts at exit every time here ("terminate called without an active exception",
+    status 134): the loop thread frees a tensor during finalization and is killed taking the GIL back."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_race.py"
+    script.write_text(EXIT_RACE)
+    for _ in range(3):
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
