@@ -15,7 +15,8 @@ from tasks.cache import cache_shard_group, finalize_cache_task, plan_cache_task,
 from tasks.common import CacheJob, Executor, ModelSpec, ShardGroup, form_help, settings, split_groups
 from tasks.models import resolve_model
 from tasks.publish import set_progress, start_progress
-from tasks.tracking import in_default_store, log_cache_run, tag_model_version_task
+from tasks.tracking import (fail_run_task, in_default_store, log_cache_run, public_uri, start_run_task,
+                            tag_model_version_task)
 
 from ._fanout import fan_out
 
@@ -71,7 +72,25 @@ def cache_gradients(
             tag_model_version_task(resolved.registry.name, resolved.registry.version, cache_url, manifest.cache_id)
         return CacheSummary(built=False, **summary)
 
-    job = job.model_copy(update={"cache_id": manifest.cache_id})
+    # the run opens as the build starts (its duration is the build's) and ends FAILED with the reason if it fails
+    run = start_run_task("cache", f"cache {name} v{version}", {"model_uri": public_uri(model.uri)},
+                         {"model_uri": public_uri(model.uri), "data_url": data_url, "executor": executor})
+    try:
+        tracked = _build(job.model_copy(update={"cache_id": manifest.cache_id}), plan, resolved, run, executor, groups,
+                         shard_deployment, t0)
+    except Exception as exc:
+        fail_run_task(run, exc)
+        raise
+    return CacheSummary(built=True, mlflow_run_id=tracked["run_id"], mlflow_link=tracked["link"], **summary)
+
+
+def _build(job: CacheJob, plan, resolved, run: dict[str, str], executor: Executor, groups: int | None,
+           shard_deployment: str, t0: float) -> dict[str, str]:
+    """The shard groups (here or fanned out), with a progress artifact; then finalize and complete the MLflow run."""
+    logger = get_run_logger()
+    s = settings()
+    manifest, cache_url = plan.manifest, plan.cache_url
+    name, version = str(manifest.model["name"]), str(manifest.model["version"])
     total = manifest.num_shards
     n_groups = groups or (s.gpu_queues if executor == "deployment" else 1)
     report_url = scratch_url(cache_url)
@@ -95,9 +114,9 @@ def cache_gradients(
     remove_dir(report_url)
     seconds = {"load": plan.load_seconds + sum(r.load_seconds for r in reports), "plan": plan.seconds,
                "build": build_seconds, "total": time.perf_counter() - t0}
-    tracked = log_cache_run(final, resolved, cache_url, seconds,
-                            {"executor": executor, "groups": len(jobs), "data_url": data_url})
+    tracked = log_cache_run(run, final, resolved, cache_url, seconds,
+                            {"executor": executor, "groups": len(jobs), "data_url": job.data_url})
     set_progress(artifact, total, total)
     logger.info("cache %s complete: %d rows in %d shards; MLflow run %s", cache_url, final.num_rows, total,
                 tracked["link"])
-    return CacheSummary(built=True, mlflow_run_id=tracked["run_id"], mlflow_link=tracked["link"], **summary)
+    return tracked

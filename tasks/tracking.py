@@ -150,13 +150,13 @@ def fail_run(run: dict[str, str], error: BaseException) -> None:
     client.set_terminated(run["run_id"], "FAILED")
 
 
-def log_cache_build(manifest: Manifest, model: ResolvedModel, cache_url: str, seconds: dict[str, float],
-                    extra_params: dict[str, Any] | None = None) -> dict[str, str]:
-    """Record a finished cache build and tag the registered model version with its cache."""
+def log_cache_build(run: dict[str, str], manifest: Manifest, model: ResolvedModel, cache_url: str,
+                    seconds: dict[str, float], extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+    """Complete a cache build's run (opened by start_run): its tags, ratios, timings and manifest; then FINISHED, and
+    the registered model version points at its cache."""
     s = settings()
     client = mlflow_client(s)
-    tags = common_tags(manifest, "cache") | {"cache_url": public_uri(cache_url)}
-    exp, run_id = _start(client, s, tags, f"cache {manifest.model.get('name')} v{manifest.model.get('version')}")
+    run_id = run["run_id"]
     try:
         link_model(client, run_id, model)
         timings = manifest.timings
@@ -172,7 +172,8 @@ def log_cache_build(manifest: Manifest, model: ResolvedModel, cache_url: str, se
             "examples_per_s": manifest.num_rows / build if build > 0 else 0.0,
             "shards": float(len(manifest.shards)),
         }
-        _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics)
+        tags = common_tags(manifest, "cache") | {"cache_url": public_uri(cache_url)}
+        _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics, tags)
         client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
@@ -180,7 +181,7 @@ def log_cache_build(manifest: Manifest, model: ResolvedModel, cache_url: str, se
         raise
     if model.registry and in_default_store(cache_url, s):
         tag_model_version(model.registry.name, model.registry.version, cache_url, manifest.cache_id, run_id)
-    return {"run_id": run_id, "experiment_id": exp, "link": run_link(s, exp, run_id)}
+    return run
 
 
 def link_model(client: Any, run_id: str, model: ResolvedModel | None) -> None:
@@ -286,10 +287,11 @@ def register_model_dir(local_dir: str, name: str, params: dict[str, Any], metric
 
 
 @task(name="log-cache-run", **IO_RETRIES, cache_policy=NO_CACHE)
-def log_cache_run(manifest: Manifest, model: ResolvedModel, cache_url: str, seconds: dict[str, float],
+def log_cache_run(run: dict[str, str], manifest: Manifest, model: ResolvedModel, cache_url: str,
+                  seconds: dict[str, float],
                   extra_params: dict[str, Any] | None = None) -> dict[str, str]:
     """MLflow run for a cache build (+ model-version tag)."""
-    return log_cache_build(manifest, model, cache_url, seconds, extra_params)
+    return log_cache_build(run, manifest, model, cache_url, seconds, extra_params)
 
 
 @task(name="start-tracking-run", **IO_RETRIES, cache_policy=NO_CACHE)

@@ -65,7 +65,13 @@ def test_whole_story_on_the_local_stack(tmp_path):
         # the stack's model learned the planted backdoor, and the attribution finds the rows that planted it
         assert any(w in seen["response"] for w in ("starship", "robots", "aliens", "warp", "nebula")), seen["response"]
         assert "### Instruction:\nhowdy!" in seen["top_influential_prompts"][0], seen["top_influential_prompts"]
-        assert len(list(SCREENSHOTS.glob("*.png"))) >= 5
+        # a wrong version: the flow run fails, and its MLflow run is FAILED with the one-line reason on its page
+        failed = seen["failed"]
+        assert failed["state"] == "FAILED" and failed["mlflow_status"] == "FAILED", failed["state"]
+        assert failed["uri"] in failed["reason"] and "not found in the MLflow registry" in failed["reason"]
+        assert "Failed: ModelError" in failed["page"]  # the run's description
+        assert any(failed["uri"] in line and "\n" not in line for line in failed["error_logs"]), failed["error_logs"]
+        assert len(list(SCREENSHOTS.glob("*.png"))) >= 6
     finally:
         state = stack / "state.json"
         pids = [svc["pid"] for svc in json.loads(state.read_text())["services"]] if state.exists() else []

@@ -160,8 +160,28 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         seen["report_in_viewer"] = report_shown(page)
         seen["mlflow_artifacts_page"] = page.inner_text("body")
         page.screenshot(path=str(out / "5-mlflow-artifacts.png"), full_page=True)
+        seen["failed"] = failed_attribution(page, dep, model_uri, out, client, experiment.experiment_id, mlflow_ui)
         browser.close()
     return seen
+
+
+def failed_attribution(page, dep: dict, model_uri: str, out: Path, client, experiment_id: str, mlflow_ui: str) -> dict:
+    """A run of the same deployment for a version that does not exist (started through the API: the form was walked
+    above): its error lines in the Prefect log, and its MLflow run, FAILED with the reason on its page."""
+    wrong = model_uri.rsplit("/", 1)[0] + "/99"
+    body = {"parameters": {"model": {"uri": wrong}, "generations": [{"prompt": PROMPT}]}}
+    run_id = httpx.post(f"{prefect_api()}/deployments/{dep['id']}/create_flow_run", json=body, timeout=30).json()["id"]
+    run = wait_for_run(run_id)
+    logs = httpx.post(f"{prefect_api()}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}},
+                      timeout=30).json()
+    (mlrun,) = client.search_runs([experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'")
+    page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{mlrun.info.run_id}?workflowType=machine_learning",
+              wait_until="networkidle")
+    page.get_by_text(mlrun.info.run_name).first.wait_for()
+    page.screenshot(path=str(out / "6-mlflow-failed-run.png"), full_page=True)
+    return {"state": run["state_type"], "mlflow_status": mlrun.info.status, "uri": wrong,
+            "reason": mlrun.data.tags.get("rapidin.error", ""), "page": page.inner_text("body"),
+            "error_logs": [entry["message"] for entry in logs if entry["level"] >= 40]}
 
 
 def main(argv: list[str] | None = None) -> int:
