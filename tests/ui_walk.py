@@ -114,7 +114,11 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
 
         texts = page.locator(".schema-form-property-input textarea")  # one per text field, in the schema's order
         texts.first.fill(model_uri)  # model -> Uri
+        n_texts = texts.count()
         page.get_by_role("button", name="Add item").first.click()  # generations -> one item
+        deadline = time.monotonic() + 30
+        while texts.count() == n_texts and time.monotonic() < deadline:  # the item renders a moment later
+            page.wait_for_timeout(100)
         # the new item's Prompt follows the model's text fields (uri, adapter, name, version)
         texts.nth(sum(f.annotation is str for f in ModelSpec.model_fields.values())).fill(PROMPT)
         top = page.locator("input[type=number]").first  # config -> Top K
@@ -127,7 +131,7 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         run = wait_for_run(run_id)
         seen["state"] = run["state_type"]
         seen["parameters"] = run["parameters"]
-        page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle")
+        page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="load")
         page.get_by_text(run["name"]).first.wait_for()
         page.screenshot(path=str(out / "3-prefect-flow-run.png"), full_page=True)
 
@@ -149,7 +153,7 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
         mlflow_ui = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
         # the link the flow logs (tasks.tracking.run_link): MLflow 3's "Model training" view of the run
         page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{mlrun.info.run_id}"
-                  "?workflowType=machine_learning", wait_until="networkidle")
+                  "?workflowType=machine_learning", wait_until="load")
         page.get_by_text(mlrun.info.run_name).first.wait_for()
         page.screenshot(path=str(out / "4-mlflow-run.png"), full_page=True)
         seen["mlflow_run_page"] = page.inner_text("body")
@@ -176,7 +180,7 @@ def failed_attribution(page, dep: dict, model_uri: str, out: Path, client, exper
                       timeout=30).json()
     (mlrun,) = client.search_runs([experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'")
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{mlrun.info.run_id}?workflowType=machine_learning",
-              wait_until="networkidle")
+              wait_until="load")
     page.get_by_text(mlrun.info.run_name).first.wait_for()
     page.screenshot(path=str(out / "6-mlflow-failed-run.png"), full_page=True)
     return {"state": run["state_type"], "mlflow_status": mlrun.info.status, "uri": wrong,
