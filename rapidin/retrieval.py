@@ -141,6 +141,30 @@ def new_scan(groups: list[QueryGroup], k: int, keep_all_scores: bool = False) ->
     return result
 
 
+BLOCK_BYTES = 2 * 2**20  # fp32 rows converted at a time: they stay in cache (L2) between conversion and product
+MIN_BLOCK_ROWS = 128  # ... but with several queries the product is a GEMM, whose kernels need a tall block
+
+
+def shard_scores(vectors: torch.Tensor, queries: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [n, Q] (float32, on the CPU) of a shard's vectors [n, K] against queries [Q, K], and the reused buffer.
+
+    On the CPU an fp16 shard is converted a block of rows at a time into one reused float32 buffer, which the product
+    reads while it is still in cache: converting the whole shard first wrote and re-read twice its size in memory,
+    and a float16 product rounds its results to float16. Each score is a float32 dot product either way."""
+    if queries.device.type != "cpu" or vectors.dtype == torch.float32:
+        return (vectors.to(queries.device, torch.float32) @ queries.T).cpu(), buffer
+    n, k = vectors.shape
+    step = max(1, BLOCK_BYTES // (4 * k)) if queries.shape[0] == 1 else MIN_BLOCK_ROWS
+    if buffer.numel() < step * k:
+        buffer = torch.empty(step * k)
+    scores = torch.empty(n, queries.shape[0])
+    for start in range(0, n, step):
+        rows = vectors[start : start + step]
+        converted = buffer[: rows.numel()].view(rows.shape).copy_(rows)
+        torch.mm(converted, queries.T, out=scores[start : start + rows.shape[0]])
+    return scores, buffer
+
+
 def scan(
     shards: Iterable[tuple[torch.Tensor, torch.Tensor]], groups: list[QueryGroup], k: int,
     device: torch.device | str = "cpu", keep_all_scores: bool = False,
@@ -155,8 +179,9 @@ def scan(
     result = new_scan(groups, k, keep_all_scores)
     if keep_all_scores:
         result.queries = queries.cpu()
+    buffer = torch.empty(0)
     for vectors, rows in shards:
-        scores = (vectors.to(device, torch.float32) @ queries.T).cpu()  # [n, Q]
+        scores, buffer = shard_scores(vectors, queries, buffer)  # [n, Q]
         result.rows_scanned += rows.numel()
         if keep_all_scores:
             result.all_rows = torch.cat([result.all_rows, rows.long()])

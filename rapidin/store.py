@@ -9,11 +9,16 @@ No pickle anywhere.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import hashlib
 import io
 import json
+import math
+import mmap
 import os
+import struct
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -22,7 +27,6 @@ from typing import Any
 import fsspec
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import GradientConfig
@@ -275,12 +279,36 @@ class CacheStore:
         return info
 
     def load_shard(self, info: ShardInfo, verify: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(vectors [n, K], rows [n]) of a committed shard; a checksum mismatch is a CacheError."""
-        data = self.read_bytes(info.file)
+        """(vectors [n, K], rows [n]) of a committed shard, without copying its bytes: a local file is memory-mapped
+        (copy on write), a remote one read once. Its size must match the commit record; with `verify` its SHA-256
+        too (about 1.2 GB/s on one core: the slowest step of a scan, hence optional there)."""
+        data = self._map(info.file) if self._local else bytearray(self.read_bytes(info.file))
+        where = f"{self.url}/{info.file}"
+        if len(data) != info.bytes:
+            raise CacheError(f"{where}: {len(data)} bytes, its commit record says {info.bytes} (corrupted shard); "
+                             "rebuild with `rapidin cache`")
         if verify and hashlib.sha256(data).hexdigest() != info.sha256:
-            raise CacheError(f"{self.url}/{info.file}: checksum mismatch (corrupted shard); rebuild with `rapidin cache`")
-        tensors = st_load(data)
+            raise CacheError(f"{where}: checksum mismatch (corrupted shard); rebuild with `rapidin cache`")
+        try:
+            tensors = tensors_in(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CacheError(f"{where}: unreadable shard ({exc}); rebuild with `rapidin cache`") from None
         return tensors["vectors"], tensors["rows"]
+
+    def _map(self, name: str) -> mmap.mmap:
+        """A private (copy-on-write) map of a local file: tensors read it in place and may still be written to."""
+        try:
+            with open(self._p(name), "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            if MADV_POPULATE_READ is not None:  # map the cached pages now (in the prefetch thread), not one fault at a
+                with contextlib.suppress(OSError):  # time during the scan: 8 -> 12 GB/s converted (older kernels: no-op)
+                    mapped.madvise(MADV_POPULATE_READ)
+            return mapped
+        except FileNotFoundError:
+            raise CacheError(f"{self.url}: {name} not found") from None
+        except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
+            raise _storage(f"read {name}", self.url, exc) if isinstance(exc, OSError) else CacheError(
+                f"{self.url}/{name}: empty shard file; rebuild with `rapidin cache`") from None
 
     def iter_shards(self, shards: list[ShardInfo], verify: bool = True) -> Iterator[tuple[ShardInfo, torch.Tensor, torch.Tensor]]:
         """Stream shards one at a time, reading the next while the caller works on the current one."""
@@ -307,6 +335,33 @@ class CacheStore:
         import pyarrow.parquet as pq
 
         return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+
+
+# Linux's MADV_POPULATE_READ (kernel >= 5.14), which Python 3.11's mmap does not name
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+
+
+def tensors_in(buffer: bytearray | mmap.mmap) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in a writable buffer, as views of it (safetensors' own `load` copies
+    each one): 8 bytes of header length, a JSON header of dtype, shape and byte offsets, then the data."""
+    (header_len,) = struct.unpack("<Q", buffer[:8])
+    header = json.loads(bytes(buffer[8 : 8 + header_len]))
+    base = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        if count != math.prod(entry["shape"]) or base + end > len(buffer):
+            raise ValueError(f"tensor {name}: {end - begin} bytes do not hold shape {entry['shape']}")
+        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + begin) if count else torch.empty(
+            0, dtype=dtype)
+        tensors[name] = flat.view(entry["shape"])
+    return tensors
 
 
 def _protocols(fs: Any) -> set[str]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
-from rapidin.config import GradientConfig, SketchConfig
+from rapidin.config import AttributeConfig, GradientConfig, SketchConfig, default_of, field_of
 from rapidin.data import DataFormat
 from rapidin.models import ModelDtype
 from rapidin.settings import Settings
@@ -118,7 +118,7 @@ class ScanGroup(BaseModel):
     group: int = Field(ge=0)
     shards: list[int]
     top_k: int = Field(ge=1)
-    verify: bool = True
+    verify: Annotated[bool, field_of(AttributeConfig, "verify")] = default_of(AttributeConfig, "verify")
     device: str = Field("", description="Torch device; empty: the worker's RAPIDIN_DEVICE.")
 
 

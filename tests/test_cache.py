@@ -62,15 +62,47 @@ def test_resume_after_interruption_is_byte_identical(tiny, toy_data, tmp_path):
 
 
 def test_corrupted_shard_is_detected_and_rebuilt(tiny, toy_data, tmp_path):
+    """A shard whose bytes changed fails a verified scan; one whose size changed fails any scan; a rebuild repairs it."""
     root = tmp_path.as_uri()
     manifest = build_cache(tiny, toy_data, root, **options())
     path = tmp_path / "tiny" / "1" / manifest.cache_id / manifest.shards[1].file
     good = path.read_bytes()
+    generation = [Generation(prompt="hi", response="there")]
     path.write_bytes(good[:-8] + b"\x00" * 8)
     with pytest.raises(CacheError, match="shard-000001.safetensors: checksum mismatch"):
-        attribute(tiny, [Generation(prompt="hi", response="there")], store_url=root, progress=False)
+        attribute(tiny, generation, store_url=root, config=AttributeConfig(verify=True), progress=False)
+    path.write_bytes(good[:-8])
+    with pytest.raises(CacheError, match=f"shard-000001.safetensors: {len(good) - 8} bytes, its commit record says "
+                                         f"{len(good)}"):
+        attribute(tiny, generation, store_url=root, progress=False)
     build_cache(tiny, toy_data, root, **options())
     assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(good).digest()
+
+
+def test_shards_are_read_in_place_and_equal_safetensors(tmp_path):
+    """tensors_in views the file's bytes (no copy) and gives exactly what safetensors' own loader gives, for every
+    dtype a shard or result holds; the views may be written to without touching the file."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from rapidin.store import tensors_in
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"vectors": torch.randn(5, 7, generator=gen).half(), "rows": torch.arange(5),
+               "scores": torch.randn(3, 2, generator=gen), "empty": torch.zeros(0, 4), "bf": torch.ones(2).bfloat16(),
+               "i8": torch.tensor([-128, 0, 127], dtype=torch.int8)}
+    data = st_save(tensors, metadata={"k": "7"})
+    store = CacheStore(tmp_path.as_uri())
+    store.write_bytes("shard.safetensors", data)
+    mapped = store._map("shard.safetensors")
+    got, want = tensors_in(mapped), st_load(data)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    got["vectors"].zero_()  # copy on write: the file keeps its bytes
+    assert (tmp_path / "shard.safetensors").read_bytes() == data
+    with pytest.raises(ValueError, match="do not hold shape"):
+        tensors_in(bytearray(data[:-4]))
 
 
 def test_refuses_other_model_or_sketch(tiny, tiny_dir, toy_data, tmp_path):

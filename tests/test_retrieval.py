@@ -67,3 +67,46 @@ def test_all_scores_cover_every_row():
     result = scan(shards_of(vectors, [0, 123, 300]), groups, k=3, keep_all_scores=True)
     assert result.all_rows.tolist() == list(range(300))
     assert torch.allclose(result.all_scores[0], vectors.float() @ groups[0].whole, atol=1e-4)
+
+
+def test_blocked_fp16_scores_are_float32_dot_products(monkeypatch):
+    """The CPU path converts an fp16 shard a block of rows at a time (blocks forced to 3 rows here, so a shard spans
+    several, one of them partial; one query and several): every score must be within float32's dot-product error
+    bound of the exact (float64) score, |fl(v.q) - v.q| <= gamma_K * sum|v_i q_i|, gamma_K = K u / (1 - K u),
+    u = 2^-24."""
+    import rapidin.retrieval as retrieval
+
+    k = 1000
+    monkeypatch.setattr(retrieval, "BLOCK_BYTES", 3 * 4 * k)
+    monkeypatch.setattr(retrieval, "MIN_BLOCK_ROWS", 3)
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(11, k, generator=gen).half()
+    u = 2.0**-24
+    for n_queries in (1, 4):
+        queries = torch.randn(n_queries, k, generator=gen)
+        scores, buffer = retrieval.shard_scores(vectors, queries, torch.empty(0))
+        exact = vectors.double() @ queries.double().T
+        bound = (k * u / (1 - k * u)) * (vectors.double().abs() @ queries.double().abs().T)
+        assert scores.dtype == torch.float32 and scores.shape == (11, n_queries) and buffer.numel() == 3 * k
+        assert ((scores.double() - exact).abs() <= bound).all()
+        again, _ = retrieval.shard_scores(vectors, queries, buffer)  # the buffer is reused, results unchanged
+        assert torch.equal(again, scores)
+
+
+def test_top_k_under_heavy_ties_equals_brute_force():
+    """Scores from a handful of values, so nearly every shard has ties at its k-th key: the pre-selection of k new
+    rows per column must then leave the choice to the exact merge (ties to the lower row), in every kind."""
+    from rapidin.retrieval import TopK
+
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(-3, 4, (200, 5), generator=gen).float()
+    scores[:, 4] = torch.arange(200).float()  # a column without ties: the pre-selected path
+    for kind in KINDS:
+        top = TopK.empty(kind, 6, 5, 2)
+        for a, b in [(0, 64), (64, 130), (130, 200)]:
+            payload = torch.stack([scores[a:b], -scores[a:b]], dim=2)
+            top = top.update(scores[a:b], torch.arange(a, b), payload)
+        for col in range(5):
+            rows, want = brute(scores[:, col], kind, 6)
+            assert top.rows[:, col].tolist() == rows and torch.equal(top.scores[:, col], want), (kind, col)
+            assert torch.equal(top.payload[:, col, 1], -want)
