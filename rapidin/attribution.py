@@ -20,7 +20,7 @@ from .gradients import GradientComputer
 from .models import LoadedModel
 from .results import Attribution, GenerationResult, Hit, TokenHits
 from .retrieval import QueryGroup, ScanResult, scan
-from .sketch import RapidGrad
+from .sketch import Sketch, make_sketch, projector
 from .store import CacheStore, Manifest
 from .targets import auto_target_positions, format_prompt, generate, target_positions
 
@@ -69,11 +69,12 @@ class Features:
     training-token steps (RapidGrad's gather index is the costly part: 0.6 s for SmolLM2)."""
 
     computer: GradientComputer
-    sketch: RapidGrad
+    sketch: Sketch
 
     @classmethod
     def of(cls, loaded: LoadedModel, manifest: Manifest) -> Features:
-        return cls(GradientComputer(loaded, manifest.gradient), RapidGrad(manifest.sketch, loaded.device))
+        sketch = make_sketch(manifest.sketch, manifest.layout, loaded.device)
+        return cls(GradientComputer(loaded, manifest.gradient, projector(sketch)), sketch)
 
 
 @dataclass

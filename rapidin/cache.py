@@ -17,7 +17,7 @@ from .data import DataFormat, Example, Tokenized, dataset_fingerprint, load_exam
 from .errors import CacheError, DataError
 from .gradients import GradientComputer, length_batches
 from .models import LoadedModel
-from .sketch import RapidGrad, make_spec
+from .sketch import Sketch, make_sketch, make_spec, projector
 from .store import CacheStore, Manifest, ShardInfo, compute_cache_id, find_caches
 
 log = logging.getLogger("rapidin")
@@ -45,6 +45,7 @@ def plan_cache(
     items = [_tokenize_row(loaded, data_url, ex, gradient.max_length, skip_bad_rows) for ex in examples]
     computer = GradientComputer(loaded, gradient)
     spec = make_spec(sketch, computer.dim)
+    make_sketch(spec, computer.layout)  # a K the sketch cannot use is refused here, before anything is written
     data_fp = dataset_fingerprint(examples, fmt)
     cache_id = compute_cache_id(loaded.fingerprint, data_fp, gradient, spec, computer.layout)
     url = CacheStore.location(store_url, loaded.name, loaded.version, cache_id)
@@ -100,8 +101,8 @@ def build_shards(
 ) -> list[ShardInfo]:
     """Compute and commit the given shards (default: all); committed, intact shards are skipped."""
     manifest = plan.manifest
-    computer = GradientComputer(loaded, manifest.gradient)
-    sketch = RapidGrad(manifest.sketch, loaded.device)
+    sketch = make_sketch(manifest.sketch, manifest.layout, loaded.device)
+    computer = GradientComputer(loaded, manifest.gradient, projector(sketch))
     dtype = DTYPES[manifest.sketch.config.dtype]
     todo = list(range(manifest.num_shards)) if indices is None else list(indices)
     done: list[ShardInfo] = []
@@ -125,7 +126,7 @@ def _rows(manifest: Manifest, index: int) -> int:
     return stop - start
 
 
-def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: RapidGrad, dtype: torch.dtype, index: int,
+def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: Sketch, dtype: torch.dtype, index: int,
                  advance: Callable[[int], object]) -> ShardInfo:
     start, stop = plan.manifest.shard_range(index)
     rows = [r for r in range(start, stop) if plan.items[r] is not None]

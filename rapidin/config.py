@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
-SketchMethod = Literal["rapidgrad"]
+SketchMethod = Literal["rapidgrad", "kronecker"]
 StorageDtype = Literal["float16", "bfloat16", "float32"]
 
 
@@ -16,9 +16,12 @@ class SketchConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: SketchMethod = Field("rapidgrad", description="Compression method (the paper's RapidGrad).")
+    method: SketchMethod = Field("rapidgrad", description="Compression method: rapidgrad (the paper's: shuffles, "
+                                 "signs and block sums of the whole [D] gradient, which each example then needs in "
+                                 "memory) or kronecker (LoGra-style: each layer's gradient projected by two small "
+                                 "random +-1 factors without forming it; memory flat in D, for full-parameter models).")
     k: int = Field(2**16, ge=1, le=2**24, description="Compressed dimension K (paper default 2^16); at most D.")
-    lam: int = Field(20, ge=0, le=1000, description="Shuffle rounds λ (paper default 20).")
+    lam: int = Field(20, ge=0, le=1000, description="Shuffle rounds λ (paper default 20; rapidgrad only).")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed; the same seed rebuilds the same map anywhere.")
     dtype: StorageDtype = Field("float16", description="Storage dtype of cached vectors (paper: fp16).")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,13 +18,17 @@ from .config import GradientConfig
 from .data import Tokenized
 from .models import LoadedModel, attributed_modules
 
+if TYPE_CHECKING:
+    from .sketch import KroneckerSketch
+
 
 class GradientComputer:
     """Computes normalised, concatenated gradients of the attributed Linear weights."""
 
-    def __init__(self, loaded: LoadedModel, config: GradientConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: GradientConfig, projector: KroneckerSketch | None = None) -> None:
         self.loaded = loaded
         self.config = config
+        self.projector = projector  # set: gradients come out sketched, [B, K], never formed as [B, D]
         self.modules = attributed_modules(loaded.model, config.params, loaded.has_adapter, config.adapter_tensors)
         self._selected = {id(m.weight) for _, m in self.modules}
         self.layout = [(f"{name}.weight", tuple(m.weight.shape)) for name, m in self.modules]
@@ -38,7 +43,8 @@ class GradientComputer:
         return self.loaded.device
 
     def gradients(self, items: Sequence[Tokenized], weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """[B, D] normalised gradients of each item's mean loss over its weighted target positions.
+        """[B, D] normalised gradients of each item's mean loss over its weighted target positions ([B, K] sketched
+        ones with a projector).
 
         weights[b][t] (optional) weighs the loss of predicting token t; default: response tokens.
         """
@@ -62,7 +68,14 @@ class GradientComputer:
                 h.remove()
             for p, flag in saved:
                 p.requires_grad_(flag)
+        if self.projector is not None:
+            return self.projector.project(inputs, grads_out, self.config.normalize)
         return self._assemble(inputs, grads_out)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of what `gradients` returns: D, or K with a projector."""
+        return self.dim if self.projector is None else self.projector.spec.config.k
 
     def _assemble(self, inputs: list[torch.Tensor], grads_out: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-example weight gradients, each tensor L2-normalised on its own, concatenated."""
@@ -86,7 +99,7 @@ class GradientComputer:
             rows.append(self.gradients([item] * len(chunk), weights))
             if advance:
                 advance(len(chunk))
-        return torch.cat(rows) if rows else torch.zeros(0, self.dim, device=self.device)
+        return torch.cat(rows) if rows else torch.zeros(0, self.out_dim, device=self.device)
 
 
 def length_batches(items: Sequence[Tokenized], batch_size: int) -> list[list[int]]:

@@ -11,6 +11,7 @@ the torch or numpy RNG, the machine or the device.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -160,3 +161,88 @@ def explicit_matrix(spec: RapidGradSpec) -> torch.Tensor:
     transform = torch.diag(torch.from_numpy(spec.signs()).double()) @ transform
     blocks = torch.kron(torch.eye(spec.config.k, dtype=torch.float64), torch.ones(1, spec.block, dtype=torch.float64))
     return (blocks @ transform)[:, : spec.d]
+
+
+# ------------------------------------------------------------------------------------------------ Kronecker (LoGra)
+
+
+def kronecker_factors(k: int, layout: Sequence[tuple[str, Sequence[int]]]) -> list[tuple[int, int]]:
+    """Per attributed matrix [o, i]: the factor sizes (min(o, f), min(i, f)) for the largest f whose blocks fit in K
+    together; the unused rest of K stays zero."""
+    shapes = [(int(shape[0]), int(shape[1])) for _, shape in layout]
+
+    def total(f: int) -> int:
+        return sum(min(o, f) * min(i, f) for o, i in shapes)
+
+    if not shapes or total(1) > k:
+        raise RapidInError(f"sketch: the kronecker method needs K >= the {len(shapes)} attributed matrices; "
+                           f"K = {k} is too small")
+    low, high = 1, max(max(s) for s in shapes)
+    while low < high:  # the largest f with total(f) <= k
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if total(mid) <= k else (low, mid - 1)
+    return [(min(o, low), min(i, low)) for o, i in shapes]
+
+
+def _rademacher(seed: int, stream: int, rows: int, cols: int) -> torch.Tensor:
+    """A [rows, cols] matrix of random +-1 (float32) from the seed's hash stream, like RapidGrad's signs."""
+    bits = _keys(seed, stream, rows * cols) >> np.uint64(63)
+    return torch.from_numpy((1.0 - 2.0 * bits.astype(np.float32)).reshape(rows, cols))
+
+
+class KroneckerSketch:
+    """Sketches each attributed Linear layer's per-example gradient G = sum_t g_t x_t^T [o, i] as
+    P_o G P_i^T / sqrt(k_o k_i) = sum_t (P_o g_t)(P_i x_t)^T / sqrt(k_o k_i), with random +-1 factors P_o [k_o, o]
+    and P_i [k_i, i] (LoGra's structured projection), so G itself is never formed: the cost is about the forward and
+    backward passes and memory does not grow with D. E[P^T P] = k I for each factor, so inner products are unbiased.
+    Layer-wise normalisation divides by the exact ||G||_F, from ||G||^2 = sum_{t,s} (g_t.g_s)(x_t.x_s)."""
+
+    def __init__(self, spec: RapidGradSpec, layout: Sequence[tuple[str, Sequence[int]]],
+                 device: torch.device | str = "cpu") -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.factors = kronecker_factors(spec.config.k, layout)
+        self.projections = [
+            (_rademacher(spec.config.seed, 2_000_000 + 2 * m, ko, int(shape[0])).to(self.device),
+             _rademacher(spec.config.seed, 2_000_001 + 2 * m, ki, int(shape[1])).to(self.device))
+            for m, ((_, shape), (ko, ki)) in enumerate(zip(layout, self.factors, strict=True))
+        ]
+
+    def project(self, inputs: Sequence[torch.Tensor], grads_out: Sequence[torch.Tensor], normalize: bool) -> torch.Tensor:
+        """[B, K] from each layer's inputs x [B, T, i] and output gradients g [B, T, o]."""
+        pieces = []
+        for x, g, (p_out, p_in) in zip(inputs, grads_out, self.projections, strict=True):
+            dtype = torch.promote_types(g.dtype, torch.float32)  # at least fp32 accumulation
+            x, g = x.to(self.device, dtype), g.to(self.device, dtype)
+            p_out, p_in = p_out.to(dtype), p_in.to(dtype)
+            sketch = torch.einsum("bto,bti->boi", g @ p_out.T, x @ p_in.T).flatten(1)
+            sketch = sketch / float(p_out.shape[0] * p_in.shape[0]) ** 0.5
+            if normalize:
+                squared = ((g @ g.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum((1, 2))
+                sketch = sketch / squared.clamp_min(0).sqrt().clamp_min(1e-30)[:, None]
+            pieces.append(sketch)
+        out = torch.cat(pieces, dim=1)
+        return torch.nn.functional.pad(out, (0, self.spec.config.k - out.shape[1]))
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Vectors from `project` are sketched already: returned as float32 on the sketch's device (as RapidGrad)."""
+        if vectors.shape[-1] != self.spec.config.k:
+            raise RapidInError(f"sketch: expected kronecker-sketched vectors of dimension {self.spec.config.k}, "
+                               f"got {vectors.shape[-1]}")
+        return vectors.to(self.device, torch.float32)
+
+
+def make_sketch(spec: RapidGradSpec, layout: Sequence[tuple[str, Sequence[int]]],
+                device: torch.device | str = "cpu") -> "Sketch":
+    """The sketch a spec names: RapidGrad applies to [B, D] gradients, Kronecker projects inside the gradient pass."""
+    if spec.config.method == "kronecker":
+        return KroneckerSketch(spec, layout, device)
+    return RapidGrad(spec, device)
+
+
+Sketch = RapidGrad | KroneckerSketch
+
+
+def projector(sketch: Sketch) -> KroneckerSketch | None:
+    """What a GradientComputer must apply inside the gradient pass (the Kronecker sketch), or None."""
+    return sketch if isinstance(sketch, KroneckerSketch) else None
