@@ -119,6 +119,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tracin-epochs", type=int, nargs="*", default=[],
                    help="earlier fine-tune checkpoints (epochs) whose exact scores are summed with the final ones "
                    "(the original multi-checkpoint TracIn); each costs one more gradient pass")
+    p.add_argument("--sketch-methods", nargs="+", default=["rapidgrad"], choices=["rapidgrad", "kronecker"],
+                   help="sketches cached at each K (kronecker: LoGra-style per-layer projection)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per gradient batch")
     p.add_argument("--chunk", type=int, default=64, help="rows per gradient chunk / cache shard")
     p.add_argument("--seed", type=int, default=0)

@@ -19,12 +19,12 @@ from howdy_common import SUBSETS, log, rule_gradients
 class MeasureStages:
     """grads, exact, caches, variants, tracin (mixed into howdy.Run)."""
 
-    def plan(self, params: tuple[str, ...], k: int):
+    def plan(self, params: tuple[str, ...], k: int, method: str = "rapidgrad"):
         from rapidin.cache import plan_cache
         from rapidin.config import SketchConfig
 
         return plan_cache(self.model(), str(self.data_path), (self.wd / "store").as_uri(),
-                          sketch=SketchConfig(k=k, lam=20), gradient=self.gradient_config(params),
+                          sketch=SketchConfig(method=method, k=k, lam=20), gradient=self.gradient_config(params),
                           shard_rows=self.args.chunk, skip_bad_rows=True)
 
     def grads(self) -> None:
@@ -106,7 +106,7 @@ class MeasureStages:
     def caches(self) -> None:
         from rapidin.cache import finalize_cache
         from rapidin.retrieval import QueryGroup, scan
-        from rapidin.sketch import RapidGrad
+        from rapidin.sketch import KroneckerSketch, make_sketch
 
         q = self.query_vectors()
         flat = q.reshape(-1, q.shape[-1])
@@ -115,12 +115,14 @@ class MeasureStages:
         for key in self.args.cache_subsets:
             b = cols[key]
             params = () if key == "all" else (SUBSETS[key],)
-            for k in sorted(self.args.k):
-                plan = self.plan(params, k)
+            for k, method in [(k, m) for m in self.args.sketch_methods for k in sorted(self.args.k)]:
+                plan = self.plan(params, k, method)
                 layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
                 expected = [x for x in layout if re.search(SUBSETS[key], x[0])]
                 assert json.loads(json.dumps(plan.manifest.layout)) == expected, "cache layout != gradient layout"
-                sketch = RapidGrad(plan.manifest.sketch)
+                made = make_sketch(plan.manifest.sketch, plan.manifest.layout)
+                # the stored exact gradients are projected as the library's gradient pass would (tested equal)
+                sketch = made.apply_dense if isinstance(made, KroneckerSketch) else made
                 for c, grads, rows in tqdm(self.chunks(), desc=f"cache {key} K=2^{int(math.log2(k))}", unit="chunk"):
                     if plan.store.committed_shard(c, plan.manifest.shard_range(c), verify=False) is not None:
                         continue
@@ -136,7 +138,7 @@ class MeasureStages:
                 shards = ((v, r) for _, v, r in plan.store.iter_shards(manifest.shards, True))
                 result = scan(shards, groups, 50, "cpu", keep_all_scores=True)
                 t_scan = time.perf_counter() - t0
-                results[f"{key}:{k}"] = {
+                results[f"{key}:{k}" + ("" if method == "rapidgrad" else f":{method}")] = {
                     "scores": torch.stack(result.all_scores, 1).numpy().reshape(-1, *q.shape[:2]),
                     "rows": result.all_rows.numpy(), "bytes": sum(s.bytes for s in manifest.shards),
                     "sketch_seconds": sum(s.seconds.get("sketch", 0.0) for s in manifest.shards),

@@ -56,15 +56,17 @@ class ScoreStages:
                     evaluate("exact", ex[:, :, t], ex[:, :, t], ranking, None,
                              n_rows / (grad_seconds + float(exact["seconds"])), source="exact", target=target,
                              params=params)
-                    for k in sorted(a.k):
-                        key = f"{params}:{k}"
+                    for k, method in [(k, m) for m in ("rapidgrad", "kronecker") for k in sorted(a.k)]:
+                        key = f"{params}:{k}" + ("" if method == "rapidgrad" else f":{method}")
                         if f"{key}|scores" not in sk.files:
                             continue
                         s = sk[f"{key}|scores"]
                         assert (sk[f"{key}|rows"] == rows).all()
-                        evaluate(f"RapidGrad K=2^{int(math.log2(k))}", s[:, :, t], ex[:, :, t], ranking,
+                        label = "RapidGrad" if method == "rapidgrad" else "Kronecker"
+                        evaluate(f"{label} K=2^{int(math.log2(k))}", s[:, :, t], ex[:, :, t], ranking,
                                  int(sk[f"{key}|bytes"]), n_rows / (grad_seconds + float(sk[f"{key}|sketch_seconds"])),
-                                 source=f"K={k}", target=target, params=params)
+                                 source=f"K={k}" + ("" if method == "rapidgrad" else f" {method}"), target=target,
+                                 params=params)
         if (self.wd / "variants.npz").exists():
             var = np.load(self.wd / "variants.npz")
             for params in subsets:

@@ -224,6 +224,20 @@ class KroneckerSketch:
         out = torch.cat(pieces, dim=1)
         return torch.nn.functional.pad(out, (0, self.spec.config.k - out.shape[1]))
 
+    def apply_dense(self, gradients: torch.Tensor) -> torch.Tensor:
+        """[B, K] from already formed (layer-wise normalised) gradients [B, D] in the layout's order: P_o G P_i^T per
+        layer, what `project` gives without forming G. For gradients computed before (benchmarks) and for checks."""
+        pieces, offset = [], 0
+        for (p_out, p_in) in self.projections:
+            o, i = p_out.shape[1], p_in.shape[1]
+            g = gradients[:, offset : offset + o * i].to(self.device, torch.float32).reshape(-1, o, i)
+            offset += o * i
+            pieces.append((p_out @ g @ p_in.T).flatten(1) / float(p_out.shape[0] * p_in.shape[0]) ** 0.5)
+        if offset != gradients.shape[1]:
+            raise RapidInError(f"sketch: expected gradients of dimension {offset}, got {gradients.shape[1]}")
+        out = torch.cat(pieces, dim=1)
+        return torch.nn.functional.pad(out, (0, self.spec.config.k - out.shape[1]))
+
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         """Vectors from `project` are sketched already: returned as float32 on the sketch's device (as RapidGrad)."""
         if vectors.shape[-1] != self.spec.config.k:
