@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-rows-scan", type=int, default=512, help="Rows per shard of the synthetic cache.")
     p.add_argument("--queries", default="1,8,64", help="Query counts for retrieval.")
     p.add_argument("--top-k", type=int, default=20, help="Rows kept per list in retrieval.")
+    p.add_argument("--s3", action="store_true", help="Also scan the larger retrieval cache from a local SeaweedFS "
+                   "(started and stopped by the benchmark; needs `weed`, as the test suite does).")
     p.add_argument("--build-dims", default="1e6,1e7", help="D values for the RapidGrad build/apply benchmark.")
     p.add_argument("--apply-batch", type=int, default=8, help="Vectors per composed RapidGrad call.")
     p.add_argument("--repeat", type=int, default=3, help="Timed repetitions; medians are reported.")

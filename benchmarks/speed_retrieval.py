@@ -15,11 +15,12 @@ from pathlib import Path
 from speed_common import HERE, KINDS, log, median, peak_rss_mb, table
 
 
-def write_synthetic_cache(root: Path, rows: int, k: int, shard_rows: int, seed: int = 0) -> list:
+def write_synthetic_cache(root: Path | str, rows: int, k: int, shard_rows: int, seed: int = 0,
+                          storage_options: dict | None = None) -> list:
     import torch
     from rapidin.store import CacheStore
 
-    store = CacheStore(f"file://{root}")
+    store = CacheStore(root if isinstance(root, str) else f"file://{root}", storage_options)
     gen = torch.Generator().manual_seed(seed)
     infos = []
     for index, start in enumerate(range(0, rows, shard_rows)):
@@ -63,7 +64,7 @@ def retrieval_worker(spec: dict) -> dict:
 
     if spec["method"] == "anchors":  # a process of its own, so its buffers are in no scan's peak RSS
         return anchors(spec["k"], spec["shard_rows"], spec["queries"])
-    store = CacheStore(f"file://{spec['root']}")
+    store = CacheStore(spec.get("url") or f"file://{spec['root']}", spec.get("storage_options"))
     infos = [ShardInfo.model_validate(i) for i in spec["shards"]]
     gen = torch.Generator().manual_seed(1)
     all_queries = torch.randn(max(spec["queries"]), spec["k"], generator=gen)
@@ -180,7 +181,36 @@ def retrieval_section(args, workdir: Path) -> dict:
                 run.pop("top")
         shutil.rmtree(root, ignore_errors=True)
         out["sizes"].append(entry)
+    if args.s3:
+        out["s3"] = s3_scan(args, workdir, queries)
     return out
+
+
+def s3_scan(args, workdir: Path, queries: list[int]) -> dict:
+    """The same scan reading from a local SeaweedFS S3 endpoint (started here, 127.0.0.1, random keys): each shard is
+    fetched whole while the previous one is scored (CacheStore.iter_shards prefetches one shard ahead)."""
+    import secrets
+
+    sys.path.insert(0, str(HERE.parent))
+    from infra.local.s3 import start_seaweedfs
+
+    s3 = start_seaweedfs(workdir / "seaweedfs", access_key="bench-" + secrets.token_hex(6),
+                         secret_key=secrets.token_urlsafe(24), bucket="rapidin-bench")
+    try:
+        url = f"s3://{s3.bucket}/retrieval-{args.rows}"
+        t0 = time.perf_counter()
+        infos = write_synthetic_cache(url, args.rows, args.k, args.shard_rows_scan, storage_options=s3.storage_options())
+        log(f"retrieval (S3): wrote {args.rows} rows to {s3.endpoint_url} in {time.perf_counter() - t0:.1f} s")
+        spec = {"url": url, "storage_options": s3.storage_options(), "shards": [i.model_dump() for i in infos],
+                "k": args.k, "method": "scan", "queries": sorted({1, max(queries)}), "repeat": args.repeat,
+                "top_k": args.top_k, "root": ""}
+        result = run_worker(spec)
+    finally:
+        s3.stop()
+    for run in result["runs"]:
+        run.pop("top")
+        log(f"retrieval (S3): q={run['queries']} verify={run['verify']}: {run['gb_per_s']:.2f} GB/s")
+    return {"rows": args.rows, "cache_gb": args.rows * args.k * 2 / 1e9, **result}
 
 
 def retrieval_tables(res: dict) -> str:
@@ -216,7 +246,14 @@ def retrieval_tables(res: dict) -> str:
                        f"max score diff {e['check']['max_rank_score_diff']:.1e} (fp32 summation-order tolerance "
                        f"{e['check']['tolerance']:.1e}); {e['check']['lists_with_near_tie_swaps']} lists with "
                        f"near-tie row swaps" for e in res["sizes"])
-    return t1 + "\n" + t2 + "\n\n" + checks
+    text = t1 + "\n" + t2 + "\n\n" + checks
+    if "s3" in res:
+        s3 = res["s3"]
+        text += "\n\n" + table(f"Retrieval from S3 (local SeaweedFS): {s3['rows']:,} rows = {s3['cache_gb']:.2f} GB",
+                                ["queries", "verify", "seconds", "GB/s scanned", "of memcpy"],
+                                [[r["queries"], "on" if r["verify"] else "off", r["seconds"], r["gb_per_s"],
+                                  f"{r['gb_per_s'] / memcpy:.0%}"] for r in s3["runs"]])
+    return text
 
 
 # --------------------------------------------------------------------------------------------- rapidgrad
