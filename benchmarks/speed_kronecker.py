@@ -23,15 +23,23 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
-def load(model: str, gguf: str):
+def load(model: str, gguf: str, device: str):
     import tempfile
 
     from rapidin.models import ModelRef, load_model
     from speed_common import load_tiny
 
     if model == "tiny-llama":
-        return load_tiny(Path(tempfile.mkdtemp(prefix="rapidin-kron-")), "cpu")
-    return load_model(ModelRef(path=gguf))
+        return load_tiny(Path(tempfile.mkdtemp(prefix="rapidin-kron-")), device)
+    return load_model(ModelRef(path=gguf), device=device)
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work, so a timer stops when the work is done."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def rows_of(loaded, data: str, n: int, max_length: int):
@@ -52,7 +60,8 @@ def worker(spec: dict) -> dict:
     from rapidin.sketch import RapidGrad, make_sketch, make_spec, projector
 
     torch.manual_seed(0)
-    loaded = load(spec["model"], spec["gguf"])
+    device = spec["device"]
+    loaded = load(spec["model"], spec["gguf"], device)
     items = rows_of(loaded, spec["data"], spec["rows"], spec["max_length"])
     config = GradientConfig(batch_size=len(items), max_length=spec["max_length"])
     dense = GradientComputer(loaded, config)
@@ -67,8 +76,10 @@ def worker(spec: dict) -> dict:
             loss = per_example_loss(loaded.model, ids, mask, loss_w).sum()
             torch.autograd.grad(loss, [p for p in loaded.model.parameters() if p.requires_grad])
         run()
+        sync(device)
         t0 = time.perf_counter()
         run()
+        sync(device)
         out["seconds"] = {"total": time.perf_counter() - t0}
     else:
         t0 = time.perf_counter()
@@ -76,16 +87,21 @@ def worker(spec: dict) -> dict:
         out["setup_seconds"] = time.perf_counter() - t0
         computer = GradientComputer(loaded, config, projector(sketch))
         computer.gradients(items[:1])  # warm-up
+        sync(device)
         t0 = time.perf_counter()
         grads = computer.gradients(items)
+        sync(device)
         t1 = time.perf_counter()
         vectors = sketch(grads)
+        sync(device)
         t2 = time.perf_counter()
         out["seconds"] = {"gradients": t1 - t0, "sketch": t2 - t1, "total": t2 - t0}
         out["norm"] = float(vectors.norm())
         if isinstance(sketch, RapidGrad):
             out["rapidgrad_input_gb"] = grads.numel() * 4 / 1e9
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda"):
+        out["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 
@@ -98,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--k", type=int, default=2**16)
     p.add_argument("--lam", type=int, default=20)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="Write the results as JSON here.")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -108,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models.split(","):
         for method in ("fwd+bwd", "kronecker", "rapidgrad"):
             spec = {"model": model, "method": method, "gguf": args.gguf, "data": args.data, "rows": args.rows,
-                    "max_length": args.max_length, "k": args.k, "lam": args.lam}
+                    "max_length": args.max_length, "k": args.k, "lam": args.lam, "device": args.device}
             proc = subprocess.run([sys.executable, __file__, "--_worker", json.dumps(spec)], capture_output=True,
                                   text=True)
             if proc.returncode != 0:

@@ -30,29 +30,33 @@ def write_synthetic_cache(root: Path | str, rows: int, k: int, shard_rows: int, 
     return infos
 
 
-def anchors(k: int, shard_rows: int, queries: list[int], repeat: int = 5) -> dict:
-    """The limits a scan is measured against, in this process: memcpy bandwidth (a 256 MB torch copy, all threads),
-    and per query count the rate of the scan's float32 product alone on rows already converted, as GB/s of the
-    fp16 cache it stands for (with many queries the product, not memory, is the limit)."""
+def anchors(k: int, shard_rows: int, queries: list[int], device: str = "cpu", repeat: int = 5) -> dict:
+    """The limits a scan is measured against, in this process: memcpy bandwidth (a 256 MB torch copy on the device,
+    all threads), and per query count the rate of the scan's float32 product alone on rows already converted, as
+    GB/s of the fp16 cache it stands for (with many queries the product, not memory, is the limit)."""
     import torch
 
     def best(f) -> float:
         f()
-        return min(_timed(f) for _ in range(repeat))
+        return min(_timed(f, device) for _ in range(repeat))
 
-    src = torch.ones(64 * 2**20)
+    src = torch.ones(64 * 2**20, device=device)
     dst = torch.empty_like(src)
     out = {"memcpy_gb_per_s": src.numel() * 4 / best(lambda: dst.copy_(src)) / 1e9, "product_gb_per_s": {}}
-    rows = torch.randn(shard_rows, k)
+    rows = torch.randn(shard_rows, k, device=device)
     for nq in queries:
-        q = torch.randn(nq, k)
+        q = torch.randn(nq, k, device=device)
         out["product_gb_per_s"][str(nq)] = shard_rows * k * 2 / best(lambda: torch.mm(rows, q.T)) / 1e9
     return out
 
 
-def _timed(f) -> float:
+def _timed(f, device: str = "cpu") -> float:
+    import torch
+
     t0 = time.perf_counter()
     f()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -63,7 +67,7 @@ def retrieval_worker(spec: dict) -> dict:
     from rapidin.store import CacheStore, ShardInfo
 
     if spec["method"] == "anchors":  # a process of its own, so its buffers are in no scan's peak RSS
-        return anchors(spec["k"], spec["shard_rows"], spec["queries"])
+        return anchors(spec["k"], spec["shard_rows"], spec["queries"], spec.get("device", "cpu"))
     store = CacheStore(spec.get("url") or f"file://{spec['root']}", spec.get("storage_options"))
     infos = [ShardInfo.model_validate(i) for i in spec["shards"]]
     gen = torch.Generator().manual_seed(1)
@@ -82,7 +86,7 @@ def retrieval_worker(spec: dict) -> dict:
                 t0 = time.perf_counter()
                 if spec["method"] == "scan":
                     shards = ((v, r) for _, v, r in store.iter_shards(infos, verify=verify))
-                    res = scan(shards, [QueryGroup(q) for q in queries], top_k)
+                    res = scan(shards, [QueryGroup(q) for q in queries], top_k, spec.get("device", "cpu"))
                     result = [{kd: (res.whole[g][kd].rows[:, 0].tolist(), res.whole[g][kd].scores[:, 0].tolist())
                                for kd in KINDS} for g in range(nq)]
                 else:
@@ -141,13 +145,13 @@ def retrieval_section(args, workdir: Path) -> dict:
         big = size == sizes[0]
         if big:
             entry["anchors"] = run_worker({"method": "anchors", "k": args.k, "shard_rows": args.shard_rows_scan,
-                                           "queries": queries})
+                                           "queries": queries, "device": args.device})
             log(f"retrieval: limits: memcpy {entry['anchors']['memcpy_gb_per_s']:.1f} GB/s, fp32 product alone "
                 f"{entry['anchors']['product_gb_per_s']} GB/s by query count")
         for method in ("scan", "naive"):
             spec = {"root": str(root), "shards": [i.model_dump() for i in infos], "k": args.k, "method": method,
                     "queries": queries if big else sorted({1, max(queries)}) if method == "scan" else [1],
-                    "repeat": args.repeat if big else 1, "top_k": args.top_k}
+                    "repeat": args.repeat if big else 1, "top_k": args.top_k, "device": args.device}
             entry[method] = run_worker(spec)
             for run in entry[method]["runs"]:
                 log(f"retrieval: {size} rows {method} q={run['queries']} verify={run['verify']}: "
