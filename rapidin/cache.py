@@ -44,8 +44,7 @@ def plan_cache(
     examples, fmt = load_examples(data_url, fmt, loaded.tokenizer, data_storage_options)
     items = [_tokenize_row(loaded, data_url, ex, gradient.max_length, skip_bad_rows) for ex in examples]
     computer = GradientComputer(loaded, gradient)
-    spec = make_spec(sketch, computer.dim)
-    make_sketch(spec, computer.layout)  # a K the sketch cannot use is refused here, before anything is written
+    spec = make_spec(sketch, computer.dim, computer.layout)
     data_fp = dataset_fingerprint(examples, fmt)
     cache_id = compute_cache_id(loaded.fingerprint, data_fp, gradient, spec, computer.layout)
     url = CacheStore.location(store_url, loaded.name, loaded.version, cache_id)

@@ -101,12 +101,14 @@ class RapidGradSpec(BaseModel):
         return index.long()
 
 
-def make_spec(config: SketchConfig, d: int) -> RapidGradSpec:
-    """Validate K <= D and return the spec."""
+def make_spec(config: SketchConfig, d: int, layout: Sequence[tuple[str, Sequence[int]]] | None = None) -> RapidGradSpec:
+    """Validate K <= D (and, given the layout, that the Kronecker sketch can use K) and return the spec."""
     if d < 1:
         raise RapidInError("sketch: the attributed parameters have no entries (D = 0)")
     if config.k > d:
         raise RapidInError(f"sketch: K = {config.k} is larger than the gradient dimension D = {d}; choose --k <= {d}")
+    if config.method == "kronecker" and layout is not None:
+        kronecker_factors(config.k, layout)
     return RapidGradSpec(config=config, d=d)
 
 

@@ -295,20 +295,21 @@ class CacheStore:
             raise CacheError(f"{where}: unreadable shard ({exc}); rebuild with `rapidin cache`") from None
         return tensors["vectors"], tensors["rows"]
 
-    def _map(self, name: str) -> mmap.mmap:
+    def _map(self, name: str) -> mmap.mmap | bytearray:
         """A private (copy-on-write) map of a local file: tensors read it in place and may still be written to."""
         try:
             with open(self._p(name), "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:  # cannot be mapped; the size check reports it
+                    return bytearray()
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            if MADV_POPULATE_READ is not None:  # map the cached pages now (in the prefetch thread), not one fault at a
-                with contextlib.suppress(OSError):  # time during the scan: 8 -> 12 GB/s converted (older kernels: no-op)
-                    mapped.madvise(MADV_POPULATE_READ)
-            return mapped
         except FileNotFoundError:
             raise CacheError(f"{self.url}: {name} not found") from None
-        except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
-            raise _storage(f"read {name}", self.url, exc) if isinstance(exc, OSError) else CacheError(
-                f"{self.url}/{name}: empty shard file; rebuild with `rapidin cache`") from None
+        except OSError as exc:
+            raise _storage(f"read {name}", self.url, exc) from None
+        if MADV_POPULATE_READ is not None:  # map the cached pages now (in the prefetch thread), not one fault at a
+            with contextlib.suppress(OSError):  # time during the scan: 8 -> 12 GB/s converted (older kernels: no-op)
+                mapped.madvise(MADV_POPULATE_READ)
+        return mapped
 
     def iter_shards(self, shards: list[ShardInfo], verify: bool = True) -> Iterator[tuple[ShardInfo, torch.Tensor, torch.Tensor]]:
         """Stream shards one at a time, reading the next while the caller works on the current one."""

@@ -103,3 +103,9 @@ def test_cache_and_attribution_with_the_kronecker_sketch(tiny, toy_data, tmp_pat
     top = result.generations[0].helpful  # the 3 best rows, up to swaps of scores closer than the rounding bound
     best = exact.sort(descending=True).values
     assert all(float(exact[hit.row]) >= float(best[2]) - 2 * float(bound.max()) for hit in top) and len(top) == 3
+
+
+def test_a_k_the_kronecker_sketch_cannot_use_is_refused_before_anything_is_written(tiny, toy_data, tmp_path):
+    with pytest.raises(RapidInError, match=r"needs K >= the \d+ attributed matrices; K = 3 is too small"):
+        build_cache(tiny, toy_data, tmp_path.as_uri(), sketch=SketchConfig(method="kronecker", k=3), progress=False)
+    assert not any(tmp_path.iterdir())
