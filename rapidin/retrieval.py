@@ -45,8 +45,9 @@ class TopK:
     def update(self, scores: torch.Tensor, rows: torch.Tensor, payload: torch.Tensor | None = None) -> TopK:
         """Merge candidates scores [n, m] for rows [n] (or [n, m]) and payload [n, m, P]."""
         rows = rows.reshape(-1, 1).expand_as(scores) if rows.dim() == 1 else rows
-        all_scores = torch.cat([self.scores, scores.float().cpu()])
-        all_rows = torch.cat([self.rows, rows.long().cpu()])
+        scores, rows, payload = self._contenders(scores.float().cpu(), rows.long().cpu(), payload)
+        all_scores = torch.cat([self.scores, scores])
+        all_rows = torch.cat([self.rows, rows])
         by_row = torch.sort(all_rows, dim=0, stable=True).indices
         all_scores, all_rows = all_scores.gather(0, by_row), all_rows.gather(0, by_row)
         order = torch.sort(_key(self.kind, all_scores), dim=0, descending=True, stable=True).indices[: self.k]
@@ -56,6 +57,23 @@ class TopK:
             expand = lambda idx: idx[..., None].expand(-1, -1, all_payload.shape[2])  # noqa: E731
             new_payload = all_payload.gather(0, expand(by_row)).gather(0, expand(order))
         return TopK(self.kind, self.k, all_scores.gather(0, order), all_rows.gather(0, order), new_payload)
+
+    def _contenders(self, scores: torch.Tensor, rows: torch.Tensor, payload: torch.Tensor | None):
+        """Per column, only the k new rows with the best keys go on to the exact merge (two sorts of 2k rows instead
+        of k + n: 46% of a million-row scan at K = 1,024 was these sorts): any other new row has k new rows with a
+        strictly better key. If a column's k-th key ties with a row left out, which to keep depends on the row
+        numbers, so then every new row goes on."""
+        if scores.shape[0] <= 2 * self.k:
+            return scores, rows, payload
+        key = _key(self.kind, scores)
+        best = torch.topk(key, self.k, dim=0)
+        kth = best.values[-1:]
+        if ((key == kth).sum(0) != (best.values == kth).sum(0)).any():
+            return scores, rows, payload
+        picked = best.indices
+        if payload is not None:
+            payload = payload.gather(0, picked[..., None].expand(-1, -1, payload.shape[2]))
+        return scores.gather(0, picked), rows.gather(0, picked), payload
 
     def merge(self, other: TopK) -> TopK:
         """Exact merge of two partial results over disjoint rows."""
