@@ -6,6 +6,9 @@ its rows, then views it as (D'/cols, cols) and permutes its columns), multiplies
 random +-1 and sums each consecutive block of D'/K entries. Every random draw comes from a
 splitmix64 hash of (seed, stream, index) computed here with numpy, so the map does not depend on
 the torch or numpy RNG, the machine or the device.
+
+The Kronecker sketch (method "kronecker", LoGra-style, for full-parameter models) draws its +-1 factors from the same
+hash, and is applied inside the gradient pass (GradientComputer's projector) instead of to formed gradients.
 """
 
 from __future__ import annotations
@@ -223,8 +226,7 @@ class KroneckerSketch:
                 squared = ((g @ g.transpose(1, 2)) * (x @ x.transpose(1, 2))).sum((1, 2))
                 sketch = sketch / squared.clamp_min(0).sqrt().clamp_min(1e-30)[:, None]
             pieces.append(sketch)
-        out = torch.cat(pieces, dim=1)
-        return torch.nn.functional.pad(out, (0, self.spec.config.k - out.shape[1]))
+        return self._packed(pieces)
 
     def apply_dense(self, gradients: torch.Tensor) -> torch.Tensor:
         """[B, K] from already formed (layer-wise normalised) gradients [B, D] in the layout's order: P_o G P_i^T per
@@ -237,6 +239,10 @@ class KroneckerSketch:
             pieces.append((p_out @ g @ p_in.T).flatten(1) / float(p_out.shape[0] * p_in.shape[0]) ** 0.5)
         if offset != gradients.shape[1]:
             raise RapidInError(f"sketch: expected gradients of dimension {offset}, got {gradients.shape[1]}")
+        return self._packed(pieces)
+
+    def _packed(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The layers' blocks side by side, zero-padded to K."""
         out = torch.cat(pieces, dim=1)
         return torch.nn.functional.pad(out, (0, self.spec.config.k - out.shape[1]))
 
