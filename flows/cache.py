@@ -40,8 +40,8 @@ class CacheSummary(BaseModel):
 def cache_gradients(
     model: Annotated[ModelSpec, Field(description="The model version to cache, e.g. uri models:/my-model/3.")],
     data_url: Annotated[str, Field(description="Training data: a snapshot URL from ingest-dataset, or a file.")],
-    sketch: Annotated[SketchConfig | None, Field(description="RapidGrad options; None: RAPIDIN_K / RAPIDIN_LAM "
-                                                 "(defaults K=2^16, λ=20).")] = None,
+    sketch: Annotated[SketchConfig | None, Field(description="Sketch options; None: RAPIDIN_SKETCH_METHOD / "
+                                                 "RAPIDIN_K / RAPIDIN_LAM (defaults rapidgrad, K=2^16, λ=20).")] = None,
     gradient: Annotated[GradientConfig, Field(description="Per-example gradient options.")] = GradientConfig(),
     shard_rows: Annotated[int, field_of(BuildConfig, "shard_rows")] = default_of(BuildConfig, "shard_rows"),
     fmt: Annotated[DataFormat, Field(description="Row format of the data (auto: detected).")] = "auto",
@@ -59,7 +59,7 @@ def cache_gradients(
     s = settings()
     resolved = resolve_model(model)
     job = CacheJob(model=resolved.pinned(), data_url=data_url, store_url=store_url or s.store_url,
-                   sketch=sketch or SketchConfig(k=s.k, lam=s.lam), gradient=gradient, shard_rows=shard_rows,
+                   sketch=sketch or s.default_sketch(), gradient=gradient, shard_rows=shard_rows,
                    fmt=fmt, skip_bad_rows=skip_bad_rows, device=device or "")
     plan = plan_cache_task(job)
     manifest, cache_url = plan.manifest, plan.cache_url

@@ -22,8 +22,8 @@ def recache_new_versions(
     model_name: Annotated[str, Field(description="Only this registered model; empty: every registered model.")] = "",
     data_url: Annotated[str, Field(description="Data for versions without a rapidin.data_url tag; empty: such "
                                    "versions are skipped.")] = "",
-    sketch: Annotated[SketchConfig | None, Field(description="Sketch of the caches to build; None: RAPIDIN_K / "
-                                                 "RAPIDIN_LAM, and any complete cache of a version counts (a re-cache "
+    sketch: Annotated[SketchConfig | None, Field(description="Sketch of the caches to build; None: "
+                                                 "RAPIDIN_SKETCH_METHOD / RAPIDIN_K / RAPIDIN_LAM, and any complete cache of a version counts (a re-cache "
                                                  "of an unchanged version is a no-op). Given: a version needs a cache "
                                                  "with this sketch.")] = None,
     gradient: Annotated[GradientConfig | None, Field(description="Gradient options; None: the defaults, and any "
@@ -49,7 +49,7 @@ def recache_new_versions(
             continue
         logger.info("%s v%s: building its cache over %s", v.name, v.version, v.data_url)
         built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version), data_url=v.data_url,
-                                     sketch=sketch or SketchConfig(k=s.k, lam=s.lam),
+                                     sketch=sketch or s.default_sketch(),
                                      gradient=gradient or GradientConfig(), shard_rows=shard_rows, executor=executor,
                                      groups=groups or None, store_url=store))
     return built

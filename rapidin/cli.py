@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(c.add_argument_group("sketch (RapidGrad)"), SketchConfig)
     g = c.add_argument_group("gradients")
     add_model_options(g, GradientConfig)
-    g.add_argument("--paper", action="store_true", help="the RapidIn paper's tensor choice (--adapter-tensors all)")
+    g.add_argument("--paper", action="store_true", help="the RapidIn paper's choices: every adapter tensor (--adapter-tensors all), RapidGrad (--method rapidgrad)")
 
     a = sub.add_parser("attribute", help="rank training rows by influence on a generation",
                        description="Score every cached training row for a generation; prints top-k most influential, "
@@ -175,7 +175,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     settings = _settings()
     store = check_url(args.store or settings.store_url, "--store-url", RapidInError)
     check_url(args.data, "--data-url", RapidInError)
-    sketch = build(SketchConfig, {"k": settings.k, "lam": settings.lam} | given(args, SketchConfig))
+    chosen = given(args, SketchConfig)
+    if args.paper and chosen.get("method", "rapidgrad") != "rapidgrad":
+        raise RapidInError(f"--paper caches with the paper's RapidGrad: it contradicts --method {chosen['method']}")
+    paper = {"method": "rapidgrad"} if args.paper else {}  # over RAPIDIN_SKETCH_METHOD too
+    sketch = build(SketchConfig, settings.default_sketch().model_dump() | paper | chosen)
     gradient = build(GradientConfig, given(args, GradientConfig) | _adapter_tensors(args))
     layout = build(BuildConfig, given(args, BuildConfig))
     loaded = _load(args, _model_ref(args), settings)

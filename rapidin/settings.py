@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .config import SketchConfig, default_of, field_of
+from .config import SketchConfig, SketchMethod, default_of, field_of
 from .urls import check_url
 
 
@@ -30,9 +30,14 @@ class Settings(BaseSettings):
     gpu_queues: int = Field(1, ge=1, description="Number of GPU work queues gpu-0..gpu-(N-1).")
     poll_seconds: float = Field(2.0, gt=0, description="How often a flow polls the runs it dispatched.")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
+    sketch_method: Annotated[SketchMethod, field_of(SketchConfig, "method")] = default_of(SketchConfig, "method")
     k: Annotated[int, field_of(SketchConfig, "k")] = default_of(SketchConfig, "k")
     lam: Annotated[int, field_of(SketchConfig, "lam")] = default_of(SketchConfig, "lam")
     model_cache_dir: str = Field("~/.cache/rapidin/models", description="Local copies of remote models.")
+
+    def default_sketch(self) -> SketchConfig:
+        """The sketch of a build that names none: RAPIDIN_SKETCH_METHOD, RAPIDIN_K, RAPIDIN_LAM."""
+        return SketchConfig(method=self.sketch_method, k=self.k, lam=self.lam)
 
     @field_validator("store_url", "data_url")
     @classmethod

@@ -188,3 +188,24 @@ def test_commands_print_no_dependency_noise(tiny_dir, toy_data, tmp_path):
     assert done.returncode == 0, done.stderr
     noise = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip() and not BAR.match(line)]
     assert noise == [], noise
+
+
+def test_sketch_method_from_the_environment_and_paper(tiny_dir, toy_data, tmp_path, capsys, monkeypatch):
+    """RAPIDIN_SKETCH_METHOD picks the sketch of a build that names none; --paper keeps the paper's RapidGrad over it,
+    and refuses an explicit --method kronecker in one line, writing nothing."""
+    import json
+
+    monkeypatch.setenv("RAPIDIN_SKETCH_METHOD", "kronecker")
+    code, out, err = run(CACHE + ["--k", "512"], tiny_dir, toy_data, tmp_path / "kron", capsys)
+    assert code == 0, err
+    (manifest,) = (tmp_path / "kron").rglob("manifest.json")
+    assert json.loads(manifest.read_text())["sketch"]["config"]["method"] == "kronecker"
+    code, out, err = run(CACHE + ["--k", "512", "--paper"], tiny_dir, toy_data, tmp_path / "paper", capsys)
+    assert code == 0, err
+    (manifest,) = (tmp_path / "paper").rglob("manifest.json")
+    assert json.loads(manifest.read_text())["sketch"]["config"]["method"] == "rapidgrad"
+    code, _, err = run(CACHE + ["--paper", "--method", "kronecker"], tiny_dir, toy_data, tmp_path / "no", capsys)
+    assert code == 2 and "--paper caches with the paper's RapidGrad" in one_line(err) and not (tmp_path / "no").exists()
+    monkeypatch.setenv("RAPIDIN_SKETCH_METHOD", "sparse")
+    code, _, err = run(CACHE, tiny_dir, toy_data, tmp_path / "bad", capsys)
+    assert code == 2 and "RAPIDIN_SKETCH_METHOD" in one_line(err) and not (tmp_path / "bad").exists()

@@ -68,10 +68,12 @@ def test_cli_flow_form_and_readme_agree_with_the_model(job, model, name):
 
 
 def test_settings_defaults_are_the_models():
-    """RAPIDIN_K / RAPIDIN_LAM (per-deployment overrides) take the sketch model's default and bounds, not their own."""
-    for name in ("k", "lam"):
-        assert Settings.model_fields[name].default == SketchConfig.model_fields[name].default
-        assert Settings.model_fields[name].metadata == SketchConfig.model_fields[name].metadata
+    """RAPIDIN_SKETCH_METHOD / RAPIDIN_K / RAPIDIN_LAM (per-deployment overrides) take the sketch model's default,
+    bounds and choices, not their own."""
+    for name, field in (("sketch_method", "method"), ("k", "k"), ("lam", "lam")):
+        assert Settings.model_fields[name].default == SketchConfig.model_fields[field].default
+        assert Settings.model_fields[name].metadata == SketchConfig.model_fields[field].metadata
+        assert Settings.model_fields[name].annotation == SketchConfig.model_fields[field].annotation
 
 
 def test_the_walk_sees_every_option():
