@@ -72,7 +72,7 @@ class Run(SetupStages, MeasureStages, ScoreStages):
         from rapidin.models import ModelRef, load_model
 
         if self._loaded is None:
-            ref = ModelRef(path=str(self.args.gguf), name="smollm2-howdy",
+            ref = ModelRef(path=str(self.args.gguf), name="smollm2-howdy", dtype=self.args.model_dtype,
                            adapter=str(self.wd / "adapter") if adapter else None)
             self._loaded = load_model(ref, device="cpu")
             torch.manual_seed(0)
@@ -122,6 +122,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sketch-methods", nargs="+", default=["rapidgrad"], choices=["rapidgrad", "kronecker"],
                    help="sketches cached at each K (kronecker: LoGra-style per-layer projection)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per gradient batch")
+    p.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights dtype of the model whose gradients are taken (bfloat16: faster on CPUs with AMX)")
     p.add_argument("--chunk", type=int, default=64, help="rows per gradient chunk / cache shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redo", nargs="*", default=[], help="stages to recompute even if cached")
