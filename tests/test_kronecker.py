@@ -39,7 +39,18 @@ def test_equals_the_explicit_projection_and_batch_1(tiny, toy_data):
     formed = dense.gradients(items)
     want = explicit(dense, sketch, formed)
     assert relative_error(got, want) < 1e-10
-    assert relative_error(sketch.apply_dense(formed).double(), want) < 1e-6  # float32, for formed gradients
+    # apply_dense (for gradients formed before) computes P_o G P_i^T in float32: each entry within
+    # gamma_{o+i+1} (|P_o| |G| |P_i|^T) / sqrt(k_o k_i) of the float64 one (two products, one rounding of G)
+    dense_sketch, offset, bounds = sketch.apply_dense(formed).double(), 0, []
+    for (_, (o, i)), (p_out, p_in) in zip(dense.layout, sketch.projections, strict=True):
+        g = formed[:, offset : offset + o * i].reshape(-1, o, i).abs()
+        offset += o * i
+        n = o + i + 1
+        gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+        bounds.append(gamma * (p_out.double().abs() @ g @ p_in.double().abs().T).flatten(1)
+                      / (p_out.shape[0] * p_in.shape[0]) ** 0.5)
+    bound = torch.nn.functional.pad(torch.cat(bounds, 1), (0, KRON.k - sum(b.shape[1] for b in bounds)))
+    assert ((dense_sketch - want).abs() <= bound).all()
     for b, item in enumerate(items):
         assert relative_error(projected.gradients([item])[0], got[b]) < 1e-10
 
@@ -90,7 +101,8 @@ def test_cache_and_attribution_with_the_kronecker_sketch(tiny, toy_data, tmp_pat
     items = items_of(tiny, toy_data, n=len(rows), max_length=96)
     want = projected.gradients(items)
     assert vectors.shape == (len(rows), KRON.k)
-    assert (vectors.float() - want).abs().max() <= 2**-11 * want.abs().max()  # fp16 storage
+    # fp16 storage (2^-11 relative) plus the float32 difference of another batch composition (n u, n ~ 170: 1e-5)
+    assert (vectors.float() - want).abs().max() <= (2**-11 + 1e-5) * want.abs().max()
     assert dense.dim > KRON.k
     all_vectors = torch.cat([store.load_shard(info)[0] for info in manifest.shards]).float()
     generation = Generation(prompt="What is 2 plus 2?", response="4.")
