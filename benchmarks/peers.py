@@ -1,0 +1,153 @@
+"""Per-example gradient throughput next to a peer: same model, adapter, rows and batch size, in one run.
+
+  rapidin      GradientComputer (batched hooks, layer-wise normalised) + RapidGrad K = 2^16: the cache build's work
+  kronfluence  1.0.1, `compute_pairwise_scores` with identity factors (no preconditioner to fit, so what is timed is
+               its per-example gradients and their products with one query's gradient), tracking the same LoRA
+               modules
+
+SmolLM2-135M-Instruct (GGUF) with a LoRA adapter on q/v (r = 8, B non-zero), the first --rows Howdy rows of at most
+--max-length tokens, batch 8, rows padded per batch on both sides. kronfluence's PyPI metadata requires torchvision,
+which does not import beside this project's CPU torch (and kronfluence never imports it), so it is installed without
+its dependencies, beside the venv:
+
+  .venv/bin/uv pip install --python .venv/bin/python --target .rapidin/peers --no-deps kronfluence==1.0.1 \\
+      einops einconv opt-einsum
+  PYTHONPATH=.rapidin/peers .venv/bin/python benchmarks/peers.py --rows 32
+
+EleutherAI bergson (2.5.1) is not measured yet: it requires torchvision, torchaudio, bitsandbytes and torchopt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+
+def rows(loaded, data: str, n: int, max_length: int):
+    from rapidin.data import load_examples, tokenize
+
+    examples, _ = load_examples(data)
+    items = [tokenize(loaded.tokenizer, ex.prompt, ex.response, max_length) for ex in examples[: 4 * n]]
+    return [it for it in items if len(it.input_ids) > it.prompt_len][:n]
+
+
+def ours(loaded, items, batch: int) -> dict:
+    from rapidin.config import GradientConfig, SketchConfig
+    from rapidin.gradients import GradientComputer, length_batches
+    from rapidin.sketch import RapidGrad, make_spec
+
+    computer = GradientComputer(loaded, GradientConfig(batch_size=batch))
+    sketch = RapidGrad(make_spec(SketchConfig(), computer.dim))
+    sketch(computer.gradients(items[:1]))  # warm-up (and the gather index)
+    t0 = time.perf_counter()
+    for b in length_batches(items, batch):
+        sketch(computer.gradients([items[i] for i in b]))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "examples_per_s": len(items) / seconds, "d": computer.dim,
+            "tensors": [name for name, _ in computer.layout]}
+
+
+def kronfluence_run(loaded, items, batch: int, tensors: list[str]) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    pad = loaded.tokenizer.pad_token_id or 0
+
+    def example(it) -> dict:
+        ids = torch.tensor(it.input_ids)
+        labels = ids.clone()
+        labels[: it.prompt_len] = -100  # the loss on the response only, as ours
+        return {"input_ids": ids, "labels": labels}
+
+    def collate(rows: list[dict]) -> dict:  # padded per batch, as ours
+        n = max(len(r["input_ids"]) for r in rows)
+        out = {"input_ids": torch.full((len(rows), n), pad), "labels": torch.full((len(rows), n), -100),
+               "attention_mask": torch.zeros(len(rows), n, dtype=torch.long)}
+        for b, r in enumerate(rows):
+            out["input_ids"][b, : len(r["input_ids"])] = r["input_ids"]
+            out["labels"][b, : len(r["labels"])] = r["labels"]
+            out["attention_mask"][b, : len(r["input_ids"])] = 1
+        return out
+
+    modules = [name.removesuffix(".weight") for name in tensors]
+
+    class CausalLMTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return modules
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # length-sorted, as ours batches
+    train = [example(items[i]) for i in order]
+    task = CausalLMTask()
+    model = prepare_model(loaded.model, task)
+    with tempfile.TemporaryDirectory() as out:
+        analyzer = Analyzer("peers", model, task, cpu=True, disable_tqdm=True, output_dir=out)
+        kwargs = {"collate_fn": collate}
+        from kronfluence.utils.dataset import DataLoaderKwargs
+
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(**kwargs))
+        analyzer.fit_all_factors("identity", train, per_device_batch_size=batch,
+                                 factor_args=FactorArguments(strategy="identity"), overwrite_output_dir=True)
+        t0 = time.perf_counter()
+        analyzer.compute_pairwise_scores("scores", "identity", train[:1], train, per_device_query_batch_size=1,
+                                         per_device_train_batch_size=batch, score_args=ScoreArguments(),
+                                         overwrite_output_dir=True)
+        seconds = time.perf_counter() - t0
+        scores = analyzer.load_pairwise_scores("scores")
+    shape = tuple(scores["all_modules"].shape)
+    return {"seconds": seconds, "examples_per_s": len(items) / seconds, "scores_shape": shape,
+            "tracked_modules": len(modules)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gguf", default=str(HERE.parent / ".rapidin" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "howdy" / "train.jsonl"))
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--out", default=None, help="Write the results as JSON here.")
+    args = p.parse_args(argv)
+    from speed_common import load_smollm2_lora
+
+    loaded = load_smollm2_lora(args.gguf, "cpu")
+    items = rows(loaded, args.data, args.rows, args.max_length)
+    results = {"rows": len(items), "tokens_per_row": sum(len(i.input_ids) for i in items) / len(items)}
+    results["rapidin"] = ours(loaded, items, args.batch)
+    results["kronfluence"] = kronfluence_run(loaded, items, args.batch, results["rapidin"]["tensors"])
+    results["rapidin"].pop("tensors")
+    results["ratio"] = results["rapidin"]["examples_per_s"] / results["kronfluence"]["examples_per_s"]
+    print(json.dumps(results, indent=1))
+    print("\n| method | rows | ex/s | seconds |\n|---|---:|---:|---:|")
+    for name in ("rapidin", "kronfluence"):
+        r = results[name]
+        print(f"| {name} | {len(items)} | {r['examples_per_s']:.2f} | {r['seconds']:.2f} |")
+    print(f"rapidin / kronfluence: {results['ratio']:.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
