@@ -130,6 +130,22 @@ def test_a_failed_attribution_leaves_a_failed_mlflow_run_with_the_reason(world: 
 
     with pytest.raises(ModelError):
         attribute(model=ModelSpec(uri="models:/tiny/99"), generations=[Generation(prompt=QUERY)])
+    state = attribute(model=ModelSpec(uri="models:/tiny/99"), generations=[Generation(prompt=QUERY)],
+                      return_state=True)
+    assert state.is_failed()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    import time
+
+    errors: list[str] = []
+    deadline = time.monotonic() + 60
+    while len(errors) < 2 and time.monotonic() < deadline:  # Prefect ships run logs in the background
+        with get_client(sync_client=True) as prefect:  # the run log: the reason in one line, no traceback of ours
+            logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        errors = [log.message for log in logs if log.level >= 40]
+        time.sleep(0.5)
+    assert any("models:/tiny/99" in m and "not found in the MLflow registry" in m for m in errors), errors
+    assert not any("Traceback" in m for m in errors), errors
     run = runs("attribution", model_uri="models:/tiny/99")[0]
     assert run.info.status == "FAILED"
     assert "not found in the MLflow registry" in run.data.tags["rapidin.error"]
