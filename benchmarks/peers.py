@@ -31,14 +31,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
-def rows(loaded, data: str, n: int, max_length: int):
-    from rapidin.data import load_examples, tokenize
-
-    examples, _ = load_examples(data)
-    items = [tokenize(loaded.tokenizer, ex.prompt, ex.response, max_length) for ex in examples[: 4 * n]]
-    return [it for it in items if len(it.input_ids) > it.prompt_len][:n]
-
-
 def ours(loaded, items, batch: int) -> dict:
     from rapidin.config import GradientConfig, SketchConfig
     from rapidin.gradients import GradientComputer, length_batches
@@ -129,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = p.parse_args(argv)
-    from speed_common import load_smollm2_lora
+    from speed_common import load_smollm2_lora, tokenized_rows
 
     loaded = load_smollm2_lora(args.gguf, "cpu")
-    items = rows(loaded, args.data, args.rows, args.max_length)
+    items = tokenized_rows(loaded, args.data, args.rows, args.max_length)
     results = {"rows": len(items), "tokens_per_row": sum(len(i.input_ids) for i in items) / len(items)}
     results["rapidin"] = ours(loaded, items, args.batch)
     results["kronfluence"] = kronfluence_run(loaded, items, args.batch, results["rapidin"]["tensors"])

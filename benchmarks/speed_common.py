@@ -95,6 +95,23 @@ def read_alpaca_rows(path: str, n: int) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- caching
 
+def tokenized_rows(loaded, data: str, n: int, max_length: int) -> list:
+    """The first n rows of an Alpaca file that keep response tokens within max_length, tokenized for the model."""
+    from rapidin.data import load_examples, tokenize
+
+    examples, _ = load_examples(data)
+    items = [tokenize(loaded.tokenizer, ex.prompt, ex.response, max_length) for ex in examples[: 4 * n]]
+    return [it for it in items if len(it.input_ids) > it.prompt_len][:n]
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work, so a timer stops when the work is done."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def load_tiny(workdir: Path, device: str):
     """The tiny demo Llama (tokenizer trained on toy.demo_rows texts), all Linear weights attributed."""
     from rapidin import toy

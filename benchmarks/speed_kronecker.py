@@ -34,22 +34,6 @@ def load(model: str, gguf: str, device: str):
     return load_model(ModelRef(path=gguf), device=device)
 
 
-def sync(device: str) -> None:
-    """Wait for the device's queued work, so a timer stops when the work is done."""
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def rows_of(loaded, data: str, n: int, max_length: int):
-    from rapidin.data import load_examples, tokenize
-
-    examples, _ = load_examples(data)
-    items = [tokenize(loaded.tokenizer, ex.prompt, ex.response, max_length) for ex in examples[: 4 * n]]
-    return [it for it in items if len(it.input_ids) > it.prompt_len][:n]
-
-
 def worker(spec: dict) -> dict:
     """One method on one model, in this (fresh) process."""
     import resource
@@ -58,11 +42,12 @@ def worker(spec: dict) -> dict:
     from rapidin.config import GradientConfig, SketchConfig
     from rapidin.gradients import GradientComputer, collate, per_example_loss
     from rapidin.sketch import RapidGrad, make_sketch, make_spec, projector
+    from speed_common import sync, tokenized_rows
 
     torch.manual_seed(0)
     device = spec["device"]
     loaded = load(spec["model"], spec["gguf"], device)
-    items = rows_of(loaded, spec["data"], spec["rows"], spec["max_length"])
+    items = tokenized_rows(loaded, spec["data"], spec["rows"], spec["max_length"])
     config = GradientConfig(batch_size=len(items), max_length=spec["max_length"])
     dense = GradientComputer(loaded, config)
     out = {"model": spec["model"], "method": spec["method"], "rows": len(items), "d": dense.dim,

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from speed_common import HERE, KINDS, log, median, peak_rss_mb, table
+from speed_common import HERE, KINDS, log, median, peak_rss_mb, sync, table
 
 
 def write_synthetic_cache(root: Path | str, rows: int, k: int, shard_rows: int, seed: int = 0,
@@ -51,12 +51,9 @@ def anchors(k: int, shard_rows: int, queries: list[int], device: str = "cpu", re
 
 
 def _timed(f, device: str = "cpu") -> float:
-    import torch
-
     t0 = time.perf_counter()
     f()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -203,7 +200,8 @@ def s3_scan(args, workdir: Path, queries: list[int]) -> dict:
     try:
         url = f"s3://{s3.bucket}/retrieval-{args.rows}"
         t0 = time.perf_counter()
-        infos = write_synthetic_cache(url, args.rows, args.k, args.shard_rows_scan, storage_options=s3.storage_options())
+        infos = write_synthetic_cache(url, args.rows, args.k, args.shard_rows_scan,
+                                      storage_options=s3.storage_options())
         log(f"retrieval (S3): wrote {args.rows} rows to {s3.endpoint_url} in {time.perf_counter() - t0:.1f} s")
         spec = {"url": url, "storage_options": s3.storage_options(), "shards": [i.model_dump() for i in infos],
                 "k": args.k, "method": "scan", "queries": sorted({1, max(queries)}), "repeat": args.repeat,

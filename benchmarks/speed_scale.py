@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['rows']:,} | {r['cache_gb']:.2f} | {r['shards']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | "
               f"{r['rows_per_s']:,.0f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"k": args.k, "shard_rows": args.shard_rows, "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"k": args.k, "shard_rows": args.shard_rows, "results": results},
+                                             indent=1))
         plot(results, args.k, Path(args.out).with_suffix(".png"))
     return 0
 

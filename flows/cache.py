@@ -114,8 +114,7 @@ def _build(job: CacheJob, plan, resolved, run: dict[str, str], executor: Executo
     remove_dir(report_url)
     seconds = {"load": plan.load_seconds + sum(r.load_seconds for r in reports), "plan": plan.seconds,
                "build": build_seconds, "total": time.perf_counter() - t0}
-    tracked = log_cache_run(run, final, resolved, cache_url, seconds,
-                            {"executor": executor, "groups": len(jobs), "data_url": job.data_url})
+    tracked = log_cache_run(run, final, resolved, cache_url, seconds, {"groups": len(jobs)})
     set_progress(artifact, total, total)
     logger.info("cache %s complete: %d rows in %d shards; MLflow run %s", cache_url, final.num_rows, total,
                 tracked["link"])

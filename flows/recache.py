@@ -23,9 +23,9 @@ def recache_new_versions(
     data_url: Annotated[str, Field(description="Data for versions without a rapidin.data_url tag; empty: such "
                                    "versions are skipped.")] = "",
     sketch: Annotated[SketchConfig | None, Field(description="Sketch of the caches to build; None: "
-                                                 "RAPIDIN_SKETCH_METHOD / RAPIDIN_K / RAPIDIN_LAM, and any complete cache of a version counts (a re-cache "
-                                                 "of an unchanged version is a no-op). Given: a version needs a cache "
-                                                 "with this sketch.")] = None,
+                                                 "RAPIDIN_SKETCH_METHOD / RAPIDIN_K / RAPIDIN_LAM, and any complete "
+                                                 "cache of a version counts (a re-cache of an unchanged version is a "
+                                                 "no-op). Given: a version needs a cache with this sketch.")] = None,
     gradient: Annotated[GradientConfig | None, Field(description="Gradient options; None: the defaults, and any "
                                                      "complete cache of a version counts.")] = None,
     shard_rows: Annotated[int, field_of(BuildConfig, "shard_rows")] = default_of(BuildConfig, "shard_rows"),

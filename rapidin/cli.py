@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(c.add_argument_group("sketch (RapidGrad)"), SketchConfig)
     g = c.add_argument_group("gradients")
     add_model_options(g, GradientConfig)
-    g.add_argument("--paper", action="store_true", help="the RapidIn paper's choices: every adapter tensor (--adapter-tensors all), RapidGrad (--method rapidgrad)")
+    g.add_argument("--paper", action="store_true",
+                   help="the RapidIn paper's choices: every adapter tensor (--adapter-tensors all), RapidGrad")
 
     a = sub.add_parser("attribute", help="rank training rows by influence on a generation",
                        description="Score every cached training row for a generation; prints top-k most influential, "

@@ -152,33 +152,29 @@ def fail_run(run: dict[str, str], error: BaseException) -> None:
 
 def log_cache_build(run: dict[str, str], manifest: Manifest, model: ResolvedModel, cache_url: str,
                     seconds: dict[str, float], extra_params: dict[str, Any] | None = None) -> dict[str, str]:
-    """Complete a cache build's run (opened by start_run): its tags, ratios, timings and manifest; then FINISHED, and
-    the registered model version points at its cache."""
+    """Complete a cache build's run (opened by start_run; its caller ends it FAILED with the reason if this raises):
+    its tags, ratios, timings and manifest; then FINISHED, and the registered model version points at its cache."""
     s = settings()
     client = mlflow_client(s)
     run_id = run["run_id"]
-    try:
-        link_model(client, run_id, model)
-        timings = manifest.timings
-        build = seconds.get("build", 0.0)
-        metrics = ratio_metrics(manifest) | {
-            "seconds_load": seconds.get("load", 0.0),
-            "seconds_plan": seconds.get("plan", 0.0),
-            "seconds_gradients": timings.get("gradients", 0.0),
-            "seconds_sketch": timings.get("sketch", 0.0),
-            "seconds_write": timings.get("write", 0.0),
-            "seconds_build": build,
-            "seconds_total": seconds.get("total", 0.0),
-            "examples_per_s": manifest.num_rows / build if build > 0 else 0.0,
-            "shards": float(len(manifest.shards)),
-        }
-        tags = common_tags(manifest, "cache") | {"cache_url": public_uri(cache_url)}
-        _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics, tags)
-        client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
+    link_model(client, run_id, model)
+    timings = manifest.timings
+    build = seconds.get("build", 0.0)
+    metrics = ratio_metrics(manifest) | {
+        "seconds_load": seconds.get("load", 0.0),
+        "seconds_plan": seconds.get("plan", 0.0),
+        "seconds_gradients": timings.get("gradients", 0.0),
+        "seconds_sketch": timings.get("sketch", 0.0),
+        "seconds_write": timings.get("write", 0.0),
+        "seconds_build": build,
+        "seconds_total": seconds.get("total", 0.0),
+        "examples_per_s": manifest.num_rows / build if build > 0 else 0.0,
+        "shards": float(len(manifest.shards)),
+    }
+    tags = common_tags(manifest, "cache") | {"cache_url": public_uri(cache_url)}
+    _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics, tags)
+    client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
+    client.set_terminated(run_id, "FINISHED")
     if model.registry and in_default_store(cache_url, s):
         tag_model_version(model.registry.name, model.registry.version, cache_url, manifest.cache_id, run_id)
     return run

@@ -133,9 +133,10 @@ def test_a_failed_attribution_leaves_a_failed_mlflow_run_with_the_reason(world: 
     state = attribute(model=ModelSpec(uri="models:/tiny/99"), generations=[Generation(prompt=QUERY)],
                       return_state=True)
     assert state.is_failed()
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    import time
 
     errors: list[str] = []
     deadline = time.monotonic() + 60
