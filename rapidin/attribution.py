@@ -18,6 +18,7 @@ from .data import Tokenized, tokenize
 from .errors import DataError
 from .gradients import GradientComputer
 from .models import LoadedModel
+from .precondition import Preconditioner, load_preconditioner
 from .results import Attribution, GenerationResult, Hit, TokenHits
 from .retrieval import QueryGroup, ScanResult, scan
 from .sketch import Sketch, make_sketch, projector
@@ -50,7 +51,7 @@ def attribute(
     """Rank the cache's training rows for each generation (and tokens, when token_wise)."""
     t0 = time.perf_counter()
     store, manifest = open_cache(loaded, store_url, cache_url, storage_options=storage_options)
-    features = Features.of(loaded, manifest)
+    features = Features.for_config(loaded, store, manifest, config)
     prepared = prepare_queries(loaded, manifest, generations, config, progress, features)
     t1 = time.perf_counter()
     shards = (sv for _, *sv in store.iter_shards(manifest.shards, config.verify))
@@ -65,16 +66,28 @@ def attribute(
 
 @dataclass
 class Features:
-    """The gradient computer and the sketch of a cache, built once per attribution and shared by the query and the
-    training-token steps (RapidGrad's gather index is the costly part: 0.6 s for SmolLM2)."""
+    """The gradient computers and the sketch of a cache, built once per attribution and shared by the query and the
+    training-token steps (RapidGrad's gather index is the costly part: 0.6 s for SmolLM2). The query computer applies
+    the preconditioner, if any; training rows' gradients never get one (the cache's side)."""
 
     computer: GradientComputer
     sketch: Sketch
+    query_computer: GradientComputer
 
     @classmethod
-    def of(cls, loaded: LoadedModel, manifest: Manifest) -> Features:
+    def of(cls, loaded: LoadedModel, manifest: Manifest, preconditioner: Preconditioner | None = None) -> Features:
         sketch = make_sketch(manifest.sketch, manifest.layout, loaded.device)
-        return cls(GradientComputer(loaded, manifest.gradient, projector(sketch)), sketch)
+        rows = GradientComputer(loaded, manifest.gradient, projector(sketch))
+        query = rows if preconditioner is None else GradientComputer(loaded, manifest.gradient, projector(sketch),
+                                                                     preconditioner)
+        return cls(rows, sketch, query)
+
+    @classmethod
+    def for_config(cls, loaded: LoadedModel, store: CacheStore, manifest: Manifest, config: AttributeConfig) -> Features:
+        """The Features an attribution with `config` needs: with its preconditioner loaded (checksum and spec
+        checked) from the cache's store."""
+        kind = config.preconditioner
+        return cls.of(loaded, manifest, None if kind == "none" else load_preconditioner(store, manifest, kind))
 
 
 @dataclass
@@ -93,8 +106,11 @@ def prepare_queries(
     progress: bool = False, features: Features | None = None,
 ) -> list[PreparedQuery]:
     """Template, generate if needed, tokenize, and sketch each generation's query gradient(s)."""
-    features = features or Features.of(loaded, manifest)
-    computer, sketch = features.computer, features.sketch
+    if features is None:
+        if config.preconditioner != "none":
+            raise ValueError("prepare_queries: pass the Features of the preconditioned cache (Features.for_config)")
+        features = Features.of(loaded, manifest)
+    computer, sketch = features.query_computer, features.sketch
     prepared = []
     # `with`: an error closes the bar first, so the one-line error starts on a line of its own
     with tqdm(desc="query gradients", unit="grad", disable=not progress, total=len(generations)) as bar:
@@ -155,7 +171,8 @@ def assemble(
             target_positions=[t - p.item.prompt_len for t in p.targets] if p.targets else None,
             per_token=token_hits, **lists))
     return Attribution(cache_id=manifest.cache_id, cache_url=store.url, model=manifest.model,
-                       sketch=manifest.sketch.config.model_dump(), top_k=config.top_k, generations=outputs,
+                       sketch=manifest.sketch.config.model_dump(), top_k=config.top_k,
+                       preconditioner=config.preconditioner, generations=outputs,
                        rows_scanned=result.rows_scanned, bytes_scanned=result.bytes_scanned)
 
 

@@ -17,6 +17,7 @@ from .data import DataFormat, Example, Tokenized, dataset_fingerprint, load_exam
 from .errors import CacheError, DataError
 from .gradients import GradientComputer, length_batches
 from .models import LoadedModel
+from .precondition import FittedKind, PreconditionerRecord, ensure_preconditioners
 from .sketch import Sketch, make_sketch, make_spec, projector
 from .store import CacheStore, Manifest, ShardInfo, compute_cache_id, find_caches
 
@@ -182,14 +183,26 @@ def _check_coverage(url: str, manifest: Manifest, shards: list[ShardInfo]) -> No
         raise CacheError(f"{url}: committed shards hold {sum(s.rows for s in shards)} rows, expected {expected}")
 
 
-def build_cache(loaded: LoadedModel, data_url: str, store_url: str, progress: bool = True, **options) -> Manifest:
-    """plan_cache + build_shards + finalize_cache; a rerun skips intact shards and rebuilds corrupted ones."""
+def build_cache(loaded: LoadedModel, data_url: str, store_url: str, progress: bool = True,
+                preconditioners: Sequence[FittedKind] = (), **options) -> Manifest:
+    """plan_cache + build_shards + finalize_cache (+ fit the preconditioners it lacks); a rerun skips intact shards
+    and rebuilds corrupted ones."""
     t0 = time.perf_counter()
     plan = plan_cache(loaded, data_url, store_url, **options)
     if plan.notice:
         log.warning(plan.notice)
     build_shards(plan, loaded, progress=progress)
-    return finalize_cache(plan, {"total": time.perf_counter() - t0})
+    manifest = finalize_cache(plan, {"total": time.perf_counter() - t0})
+    if preconditioners:
+        fit_missing(plan, loaded, preconditioners, progress)
+    return manifest
+
+
+def fit_missing(plan: CachePlan, loaded: LoadedModel, kinds: Sequence[FittedKind], progress: bool = True,
+                ) -> list[PreconditionerRecord]:
+    """Fit the preconditioners a complete cache lacks from its own rows and gradient settings."""
+    computer = GradientComputer(loaded, plan.manifest.gradient)
+    return ensure_preconditioners(plan.store, plan.manifest, computer, plan.items, kinds, progress)
 
 
 def open_cache(

@@ -187,7 +187,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     manifest = build_cache(
         loaded, args.data, store, fmt=args.format, shard_rows=layout.shard_rows, skip_bad_rows=layout.skip_bad_rows,
         sketch=sketch, gradient=gradient, storage_options=settings.storage_options(store),
-        data_storage_options=settings.storage_options(args.data),
+        data_storage_options=settings.storage_options(args.data), preconditioners=layout.preconditioners,
     )
     url = f"{store.rstrip('/')}/{manifest.model['name']}/{manifest.model['version']}/{manifest.cache_id}"
     spec = manifest.sketch
@@ -195,6 +195,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
           f"({spec.d / spec.config.k:.1f}x), {len(manifest.shards)} shards, "
           f"{manifest.stats.get('truncated', 0)} truncated, {manifest.stats.get('skipped', 0)} skipped")
     print(f"stored at {url}")
+    for kind in layout.preconditioners:
+        print(f"preconditioner {kind}: stored at {url}/preconditioners/{kind}.safetensors")
     return 0
 
 

@@ -66,6 +66,9 @@ class BuildConfig(BaseModel):
     shard_rows: int = Field(256, ge=1, le=2**20, description="Rows per shard: the unit of commit, resume and scan. "
                             "A resumed build keeps the value the cache was started with.")
     skip_bad_rows: bool = Field(False, description="Skip (and count) rows with no response tokens instead of failing.")
+    preconditioners: tuple[Literal["diagonal", "ekfac"], ...] = Field(
+        (), description="Preconditioners to fit from the training rows once the cache is complete (stored beside "
+        "it; attributions choose one with --preconditioner): diagonal (one more gradient pass) and/or ekfac (two).")
 
 DEFAULT_AUTO_TARGET = 4  # benchmarks/README_quality.md: the measured best automatic target size on the Howdy backdoor
 
@@ -94,6 +97,11 @@ class AttributeConfig(BaseModel):
                          "core, 6x slower than the scan itself). Off, each shard's size and header are checked "
                          "against its commit record; checksums are verified when a build resumes and by "
                          "`rapidin inspect`.")
+    preconditioner: Literal["none", "diagonal", "ekfac"] = Field(
+        "none", description="Curvature applied to the generation's gradient before it is sketched: none (the paper's "
+        "plain inner product), diagonal (the training gradients' second moment per weight) or ekfac (Kronecker-"
+        "factored, eigenvalue-corrected, per layer). Fitted once per cache: `rapidin cache --preconditioners ...` or "
+        "the cache flow's `preconditioners`.")
     paper_scoring: bool = Field(False, description="The RapidIn paper's scoring: the whole generation's loss (auto_target 0; "
                         "read the helpful list). Cannot be combined with auto_target.")
 
@@ -105,6 +113,8 @@ class AttributeConfig(BaseModel):
         if data.get("paper_scoring"):
             if data.get("auto_target"):
                 raise ValueError("the paper's scoring uses the whole generation: it cannot be combined with auto_target")
+            if data.get("preconditioner", "none") != "none":
+                raise ValueError("the paper's scoring has no preconditioner: it cannot be combined with preconditioner")
             data = {**data, "auto_target": 0}
         if data.get("target"):
             if data.get("auto_target"):

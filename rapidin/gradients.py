@@ -19,16 +19,19 @@ from .data import Tokenized
 from .models import LoadedModel, attributed_modules
 
 if TYPE_CHECKING:
+    from .precondition import Preconditioner
     from .sketch import KroneckerSketch
 
 
 class GradientComputer:
     """Computes normalised, concatenated gradients of the attributed Linear weights."""
 
-    def __init__(self, loaded: LoadedModel, config: GradientConfig, projector: KroneckerSketch | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: GradientConfig, projector: KroneckerSketch | None = None,
+                 preconditioner: Preconditioner | None = None) -> None:
         self.loaded = loaded
         self.config = config
-        self.projector = projector  # set: gradients come out sketched, [B, K], never formed as [B, D]
+        self.projector = projector  # set: gradients come out sketched, [B, K], never formed as [B, D] (unless
+        self.preconditioner = preconditioner  # a preconditioner needs each layer's dense gradient: queries only)
         self.modules = attributed_modules(loaded.model, config.params, loaded.has_adapter, config.adapter_tensors)
         self._selected = {id(m.weight) for _, m in self.modules}
         self.layout = [(f"{name}.weight", tuple(m.weight.shape)) for name, m in self.modules]
@@ -44,10 +47,23 @@ class GradientComputer:
 
     def gradients(self, items: Sequence[Tokenized], weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """[B, D] normalised gradients of each item's mean loss over its weighted target positions ([B, K] sketched
-        ones with a projector).
+        ones with a projector; preconditioned first, with a preconditioner).
 
         weights[b][t] (optional) weighs the loss of predicting token t; default: response tokens.
         """
+        inputs, grads_out, _ = self.layer_signals(items, weights)
+        if self.projector is not None and self.preconditioner is None:
+            return self.projector.project(inputs, grads_out, self.config.normalize)
+        layers = [per_example_gradients(x, g) for x, g in zip(inputs, grads_out, strict=True)]
+        if self.preconditioner is not None:
+            layers = self.preconditioner.apply(layers)
+        flat = self._assemble(layers)
+        return flat if self.projector is None else self.projector.apply_dense(flat)
+
+    def layer_signals(self, items: Sequence[Tokenized], weights: Sequence[torch.Tensor] | None = None,
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """One forward and one backward: each attributed layer's inputs x [B, T, i] and the gradients of the summed
+        per-example losses at its outputs g [B, T, o], and the attention mask [B, T]."""
         ids, mask, loss_w = collate(items, self.loaded.tokenizer.pad_token_id or 0, self.device, weights)
         inputs: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
@@ -68,21 +84,18 @@ class GradientComputer:
                 h.remove()
             for p, flag in saved:
                 p.requires_grad_(flag)
-        if self.projector is not None:
-            return self.projector.project(inputs, grads_out, self.config.normalize)
-        return self._assemble(inputs, grads_out)
+        return inputs, list(grads_out), mask
 
     @property
     def out_dim(self) -> int:
         """Width of what `gradients` returns: D, or K with a projector."""
         return self.dim if self.projector is None else self.projector.spec.config.k
 
-    def _assemble(self, inputs: list[torch.Tensor], grads_out: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-example weight gradients, each tensor L2-normalised on its own, concatenated."""
+    def _assemble(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """Per-example weight gradients [B, o, i], each tensor L2-normalised on its own, concatenated."""
         pieces = []
-        for x, g in zip(inputs, grads_out, strict=True):
-            dtype = torch.promote_types(g.dtype, torch.float32)  # at least fp32 accumulation
-            per_example = torch.einsum("bto,bti->boi", g.to(dtype), x.to(dtype)).flatten(1)
+        for per_example in layers:
+            per_example = per_example.flatten(1)
             if self.config.normalize:
                 per_example = per_example / per_example.norm(dim=1, keepdim=True).clamp_min(1e-30)
             pieces.append(per_example)
@@ -100,6 +113,12 @@ class GradientComputer:
             if advance:
                 advance(len(chunk))
         return torch.cat(rows) if rows else torch.zeros(0, self.out_dim, device=self.device)
+
+
+def per_example_gradients(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[B, o, i]: example b's weight gradient sum_t g[b, t] x[b, t]^T, accumulated in at least fp32."""
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    return torch.einsum("bto,bti->boi", g.to(dtype), x.to(dtype))
 
 
 def length_batches(items: Sequence[Tokenized], batch_size: int) -> list[list[int]]:

@@ -55,6 +55,8 @@ class Attribution(BaseModel):
     model: dict[str, Any]
     sketch: dict[str, Any]
     top_k: int
+    preconditioner: str = Field("none", description="Curvature applied to the generations' gradients (none, "
+                                "diagonal, ekfac).")
     generations: list[GenerationResult]
     timings: dict[str, float] = Field(default_factory=dict)
     rows_scanned: int = 0
