@@ -43,7 +43,8 @@ def attribute(
     run = start_run_task("attribution", f"attribute {uri}", {"model_uri": uri},
                          {"model_uri": uri, "prompt": generations[0].prompt[:500], "top_k": config.top_k,
                           "token_wise": config.token_wise, "target": ",".join(config.target),
-                          "auto_target": config.auto_target, "executor": advanced.executor,
+                          "auto_target": config.auto_target, "preconditioner": config.preconditioner,
+                          "executor": advanced.executor,
                           "generations": len(generations)})
     try:
         attribution, manifest, used, resolved = _attribute(model, generations, config, advanced, t0)
@@ -72,7 +73,7 @@ def _attribute(model: ModelSpec, generations: list[Generation], config: Attribut
         cache_url = resolved.registry.tags.get(CACHE_URL_TAG)
     loaded, store, manifest, load_seconds = open_cache_task(resolved, device, store_url, cache_url)
     t1 = time.perf_counter()
-    prepared, features = prepare_queries_task(loaded, manifest, generations, config)
+    prepared, features = prepare_queries_task(loaded, store, manifest, generations, config)
     work_url = scratch_url(store.url)
     write_queries(work_url, [p.group for p in prepared])
     t2 = time.perf_counter()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect import flow
 from prefect.logging import get_run_logger
@@ -11,12 +11,13 @@ from pydantic import BaseModel, Field
 
 from rapidin.config import BuildConfig, GradientConfig, SketchConfig, default_of, field_of
 from rapidin.data import DataFormat
-from tasks.cache import cache_shard_group, finalize_cache_task, plan_cache_task, read_reports, remove_dir, scratch_url
+from tasks.cache import (cache_shard_group, finalize_cache_task, fit_preconditioners_task, plan_cache_task, read_reports,
+                         remove_dir, scratch_url)
 from tasks.common import CacheJob, Executor, ModelSpec, ShardGroup, form_help, settings, split_groups
 from tasks.models import resolve_model
 from tasks.publish import set_progress, start_progress
-from tasks.tracking import (fail_run_task, in_default_store, log_cache_run, public_uri, start_run_task,
-                            tag_model_version_task)
+from tasks.tracking import (fail_run_task, in_default_store, log_cache_run, log_preconditioners_task, public_uri,
+                            start_run_task, tag_model_version_task)
 
 from ._fanout import fan_out
 
@@ -46,6 +47,8 @@ def cache_gradients(
     shard_rows: Annotated[int, field_of(BuildConfig, "shard_rows")] = default_of(BuildConfig, "shard_rows"),
     fmt: Annotated[DataFormat, Field(description="Row format of the data (auto: detected).")] = "auto",
     skip_bad_rows: Annotated[bool, field_of(BuildConfig, "skip_bad_rows")] = default_of(BuildConfig, "skip_bad_rows"),
+    preconditioners: Annotated[list[Literal["diagonal", "ekfac"]], field_of(BuildConfig, "preconditioners")]
+    = list(default_of(BuildConfig, "preconditioners")),
     executor: Annotated[Executor, Field(description="Where shard work runs (advanced): local = in this flow run; deployment = runs of the shard deployment on the GPU pool, one per queue.")] = "local",
     groups: Annotated[int | None, Field(ge=1, description="Shard groups (advanced); None: one per GPU queue with the deployment executor, else 1.")] = None,
     store_url: Annotated[str | None, Field(description="Cache store root (advanced); None: RAPIDIN_STORE_URL of the deployment.")] = None,
@@ -70,6 +73,14 @@ def cache_gradients(
         logger.info("cache %s is already complete; nothing to build", cache_url)
         if resolved.registry and in_default_store(cache_url, s):
             tag_model_version_task(resolved.registry.name, resolved.registry.version, cache_url, manifest.cache_id)
+        if preconditioners:  # an existing cache gains the preconditioners it lacks, in a run of their own
+            run = start_run_task("cache", f"fit preconditioners {name} v{version}", {"model_uri": public_uri(model.uri)},
+                                 {"model_uri": public_uri(model.uri), "cache_url": public_uri(cache_url)})
+            try:
+                log_preconditioners_task(run, fit_preconditioners_task(job, preconditioners))
+            except Exception as exc:
+                fail_run_task(run, exc)
+                raise
         return CacheSummary(built=False, **summary)
 
     # the run opens as the build starts (its duration is the build's) and ends FAILED with the reason if it fails
@@ -77,7 +88,7 @@ def cache_gradients(
                          {"model_uri": public_uri(model.uri), "data_url": data_url, "executor": executor})
     try:
         tracked = _build(job.model_copy(update={"cache_id": manifest.cache_id}), plan, resolved, run, executor, groups,
-                         shard_deployment, t0)
+                         shard_deployment, t0, preconditioners)
     except Exception as exc:
         fail_run_task(run, exc)
         raise
@@ -85,8 +96,9 @@ def cache_gradients(
 
 
 def _build(job: CacheJob, plan, resolved, run: dict[str, str], executor: Executor, groups: int | None,
-           shard_deployment: str, t0: float) -> dict[str, str]:
-    """The shard groups (here or fanned out), with a progress artifact; then finalize and complete the MLflow run."""
+           shard_deployment: str, t0: float, preconditioners: list[str]) -> dict[str, str]:
+    """The shard groups (here or fanned out), with a progress artifact; then finalize, fit the preconditioners and
+    complete the MLflow run."""
     logger = get_run_logger()
     s = settings()
     manifest, cache_url = plan.manifest, plan.cache_url
@@ -112,9 +124,10 @@ def _build(job: CacheJob, plan, resolved, run: dict[str, str], executor: Executo
     reports = read_reports(report_url)
     final = finalize_cache_task(cache_url, {"total": time.perf_counter() - t0})
     remove_dir(report_url)
+    records = fit_preconditioners_task(job, preconditioners) if preconditioners else []
     seconds = {"load": plan.load_seconds + sum(r.load_seconds for r in reports), "plan": plan.seconds,
                "build": build_seconds, "total": time.perf_counter() - t0}
-    tracked = log_cache_run(run, final, resolved, cache_url, seconds, {"groups": len(jobs)})
+    tracked = log_cache_run(run, final, resolved, cache_url, seconds, {"groups": len(jobs)}, records)
     set_progress(artifact, total, total)
     logger.info("cache %s complete: %d rows in %d shards; MLflow run %s", cache_url, final.num_rows, total,
                 tracked["link"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect import flow
 from prefect.logging import get_run_logger
@@ -29,6 +29,8 @@ def recache_new_versions(
     gradient: Annotated[GradientConfig | None, Field(description="Gradient options; None: the defaults, and any "
                                                      "complete cache of a version counts.")] = None,
     shard_rows: Annotated[int, field_of(BuildConfig, "shard_rows")] = default_of(BuildConfig, "shard_rows"),
+    preconditioners: Annotated[list[Literal["diagonal", "ekfac"]], field_of(BuildConfig, "preconditioners")]
+    = list(default_of(BuildConfig, "preconditioners")),
     executor: Annotated[Executor, Field(description="Where shard work runs: local, or deployment (the GPU pool).")]
     = "local",
     groups: Annotated[int, Field(ge=0, description="Shard groups; 0: one per GPU queue (deployment) or 1.")] = 0,
@@ -51,5 +53,6 @@ def recache_new_versions(
         built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version), data_url=v.data_url,
                                      sketch=sketch or s.default_sketch(),
                                      gradient=gradient or GradientConfig(), shard_rows=shard_rows, executor=executor,
+                                     preconditioners=preconditioners,
                                      groups=groups or None, store_url=store))
     return built

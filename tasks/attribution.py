@@ -31,10 +31,10 @@ def open_cache_task(resolved: ResolvedModel, device: str, store_url: str | None,
 
 
 @task(name="prepare-queries", cache_policy=NO_CACHE)
-def prepare_queries_task(loaded, manifest, generations: list[Generation], config: AttributeConfig):
+def prepare_queries_task(loaded, store: CacheStore, manifest, generations: list[Generation], config: AttributeConfig):
     """Template (and generate, if asked) each generation and sketch its query gradients; returns the queries and the
-    cache's Features, which assemble_task reuses."""
-    features = Features.of(loaded, manifest)
+    cache's Features (with the preconditioner the config names, loaded from the store), which assemble_task reuses."""
+    features = Features.for_config(loaded, store, manifest, config)
     return prepare_queries(loaded, manifest, generations, config, features=features), features
 
 

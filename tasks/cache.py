@@ -13,9 +13,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from rapidin.cache import CachePlan, build_shards, finalize_cache, plan_cache
+from rapidin.cache import CachePlan, build_shards, finalize_cache, fit_missing, plan_cache
 from rapidin.errors import CacheError
 from rapidin.models import LoadedModel
+from rapidin.precondition import PreconditionerRecord
 from rapidin.store import CacheStore, Manifest
 
 from .common import IO_RETRIES, WORK_RETRIES, CacheJob, ShardGroup, settings
@@ -109,6 +110,17 @@ def cache_shard_group(group: ShardGroup, progress_artifact: str | None = None, o
     report = build_group(group, update)
     logger.info("group %d: shards %s, %d rows in %.1fs", group.group, group.shards, report.rows, report.seconds)
     return report
+
+
+@task(name="fit-preconditioners", **WORK_RETRIES, cache_policy=NO_CACHE)
+def fit_preconditioners_task(job: CacheJob, kinds: list[str]) -> list[PreconditionerRecord]:
+    """Fit the preconditioners the complete cache lacks (one or two gradient passes over its rows); a retry keeps
+    the kinds already committed."""
+    plan, loaded, _ = plan_job(job)
+    records = fit_missing(plan, loaded, kinds, progress=False)
+    for r in records:
+        get_run_logger().info("preconditioner %s: %d rows, %.1f s, %d bytes", r.kind, r.rows, r.seconds, r.bytes)
+    return records
 
 
 def read_reports(report_url: str) -> list[GroupReport]:

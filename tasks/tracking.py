@@ -20,6 +20,7 @@ from prefect.settings import PREFECT_UI_URL
 
 import rapidin
 from rapidin.plots import write_plots
+from rapidin.precondition import PreconditionerRecord
 from rapidin.report import render_html
 from rapidin.results import Attribution
 from rapidin.settings import Settings
@@ -150,8 +151,15 @@ def fail_run(run: dict[str, str], error: BaseException) -> None:
     client.set_terminated(run["run_id"], "FAILED")
 
 
+def preconditioner_metrics(records: list[PreconditionerRecord]) -> dict[str, float]:
+    """Fit seconds and stored bytes of each fitted preconditioner."""
+    return {f"preconditioner_{r.kind}_{what}": float(value) for r in records
+            for what, value in (("seconds", r.seconds), ("bytes", r.bytes))}
+
+
 def log_cache_build(run: dict[str, str], manifest: Manifest, model: ResolvedModel, cache_url: str,
-                    seconds: dict[str, float], extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+                    seconds: dict[str, float], extra_params: dict[str, Any] | None = None,
+                    preconditioners: list[PreconditionerRecord] = ()) -> dict[str, str]:
     """Complete a cache build's run (opened by start_run; its caller ends it FAILED with the reason if this raises):
     its tags, ratios, timings and manifest; then FINISHED, and the registered model version points at its cache."""
     s = settings()
@@ -170,7 +178,7 @@ def log_cache_build(run: dict[str, str], manifest: Manifest, model: ResolvedMode
         "seconds_total": seconds.get("total", 0.0),
         "examples_per_s": manifest.num_rows / build if build > 0 else 0.0,
         "shards": float(len(manifest.shards)),
-    }
+    } | preconditioner_metrics(list(preconditioners))
     tags = common_tags(manifest, "cache") | {"cache_url": public_uri(cache_url)}
     _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics, tags)
     client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
@@ -284,10 +292,19 @@ def register_model_dir(local_dir: str, name: str, params: dict[str, Any], metric
 
 @task(name="log-cache-run", **IO_RETRIES, cache_policy=NO_CACHE)
 def log_cache_run(run: dict[str, str], manifest: Manifest, model: ResolvedModel, cache_url: str,
-                  seconds: dict[str, float],
-                  extra_params: dict[str, Any] | None = None) -> dict[str, str]:
+                  seconds: dict[str, float], extra_params: dict[str, Any] | None = None,
+                  preconditioners: list[PreconditionerRecord] = ()) -> dict[str, str]:
     """MLflow run for a cache build (+ model-version tag)."""
-    return log_cache_build(run, manifest, model, cache_url, seconds, extra_params)
+    return log_cache_build(run, manifest, model, cache_url, seconds, extra_params, preconditioners)
+
+
+@task(name="log-preconditioners", **IO_RETRIES, cache_policy=NO_CACHE)
+def log_preconditioners_task(run: dict[str, str], records: list[PreconditionerRecord]) -> None:
+    """Complete the run of a fit on an already complete cache: the fit's seconds and sizes."""
+    client = mlflow_client(settings())
+    _log(client, run["run_id"], {"preconditioners": ",".join(r.kind for r in records)},
+         preconditioner_metrics(records))
+    client.set_terminated(run["run_id"], "FINISHED")
 
 
 @task(name="start-tracking-run", **IO_RETRIES, cache_policy=NO_CACHE)
