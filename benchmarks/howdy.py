@@ -20,6 +20,8 @@ grads     every training row's uncompressed layer-normalised gradient (all LoRA 
 exact     exact scores: inner products of the uncompressed gradients, streamed chunk by chunk (no sketch),
           for all LoRA tensors and for the LoRA B tensors only (a column subset: normalisation is per
           tensor, so the subset is exactly the B-only gradient).
+precond   (--preconditioners) none / diagonal / EK-FAC preconditioned exact scores, rows layer-normalised, raw
+          or cosine (rapidin.precondition fitted on the training rows).
 caches    one rapidin gradient cache (plan_cache + committed shards + finalize_cache) per K in --k and
           per parameter set, RapidGrad lam=20, fp16, from the same gradients (sketch time measured per K),
           scanned with rapidin.retrieval.scan; at the largest K, rapidin.attribute(auto_target=...) is run
@@ -119,6 +121,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tracin-epochs", type=int, nargs="*", default=[],
                    help="earlier fine-tune checkpoints (epochs) whose exact scores are summed with the final ones "
                    "(the original multi-checkpoint TracIn); each costs one more gradient pass")
+    p.add_argument("--preconditioners", action="store_true",
+                   help="also score with the diagonal and EK-FAC preconditioners (fitted: two more gradient passes) "
+                   "under layer-wise, raw and cosine row normalisation")
     p.add_argument("--sketch-methods", nargs="+", default=["rapidgrad"], choices=["rapidgrad", "kronecker"],
                    help="sketches cached at each K (kronecker: LoGra-style per-layer projection)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per gradient batch")
@@ -163,6 +168,8 @@ def main(argv=None) -> int:
         run.stage("variants", wd / "variants.npz", run.variants)
     if args.tracin_epochs:
         run.stage("tracin", wd / "tracin" / "done", run.tracin)
+    if args.preconditioners:
+        run.stage("precond", wd / "precond.npz", run.precond)
     report = run.score()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -239,6 +239,58 @@ class MeasureStages:
                  **{k: v.reshape(-1, *q.shape[:2]) for k, v in scores.items()})
         (self.wd / "variants.json").write_text(json.dumps(meta, indent=2))
 
+    def precond(self) -> None:
+        """Preconditioned exact scores: none, diagonal and EK-FAC (rapidin.precondition, fitted on the training rows
+        with the final adapter, all LoRA tensors: the factors are per layer, so a tensor subset's are its own), under
+        three normalisations of the rows: layer-wise (the paper, the library's cache), raw, and whole-vector cosine.
+        Query: H^-1 of the generation's raw gradient, layer-normalised after for the layer-wise rows (the library's
+        query); whole-response and auto-target losses. The fit's first pass also records each row's per-layer
+        gradient norms, which turn the stored layer-normalised gradients back into raw ones."""
+        from rapidin.data import alpaca_prompt, tokenize
+        from rapidin.gradients import GradientComputer
+        from rapidin.precondition import fit_preconditioners
+
+        loaded = self.model()
+        config = self.gradient_config()
+        computer = GradientComputer(loaded, config)
+        plan = self.plan((), min(self.args.k))
+        rows = [r for r, it in enumerate(plan.items) if it is not None]
+        norms = torch.zeros(len(rows), len(computer.layout))
+
+        def keep_norms(batch: list[int], layers: list[torch.Tensor]) -> None:
+            for m, layer in enumerate(layers):
+                norms[batch, m] = layer.flatten(1).norm(dim=1).float()
+
+        fits = fit_preconditioners(computer, [plan.items[r] for r in rows], ["diagonal", "ekfac"],
+                                   on_gradients=keep_norms)
+        pres = {"none": None, **{kind: pre for kind, (pre, _) in fits.items()}}
+        meta = json.loads((self.wd / "queries.json").read_text())
+        queries = {}  # (preconditioner, normalised) -> [G, 2, D]: whole response, auto target
+        for kind, pre in pres.items():
+            for normalize in (True, False):
+                qc = GradientComputer(loaded, config.model_copy(update={"normalize": normalize}), preconditioner=pre)
+                queries[kind, normalize] = torch.stack([rule_gradients(qc, tokenize(
+                    loaded.tokenizer, alpaca_prompt(g["instruction"]), g["triggered_response"], self.args.max_length),
+                    [None, m["auto_positions"]]) for g, m in zip(self.attacked(), meta, strict=True)])
+        layer_of = torch.cat([torch.full((math.prod(shape),), m) for m, (_, shape) in enumerate(computer.layout)])
+        row_index = {r: i for i, r in enumerate(rows)}
+        cols = {key: mask for key, mask in self.columns().items() if key in ("all", "mlpB")}
+        out: dict[str, list] = {}
+        for _, grads, chunk_rows in tqdm(self.chunks(), desc="preconditioned scores", unit="chunk"):
+            raw = grads * norms[[row_index[int(r)] for r in chunk_rows]][:, layer_of]
+            for key, mask in cols.items():
+                sub = {"layer": grads[:, mask], "raw": raw[:, mask]}
+                sub["cosine"] = sub["raw"] / sub["raw"].norm(dim=1, keepdim=True).clamp_min(1e-30)
+                for kind in pres:
+                    for norm, vectors in sub.items():
+                        q = queries[kind, norm == "layer"][:, :, mask]
+                        out.setdefault(f"{key}|{norm}|{kind}", []).append(
+                            (vectors @ q.reshape(-1, q.shape[-1]).T).reshape(len(vectors), *q.shape[:2]))
+        np.savez(self.wd / "precond.npz", **{k: torch.cat(v).numpy() for k, v in out.items()})
+        (self.wd / "precond.json").write_text(json.dumps({kind: {
+            "fit_seconds": info["seconds"], "factor_bytes": len(pre.to_bytes()), "rows": info["rows"],
+            "tokens": info["tokens"]} for kind, (pre, info) in fits.items()}, indent=2))
+
     def tracin_rules(self) -> list[str]:
         extra = [f"gradnorm{self.args.auto_target}"] if (self.wd / "variants.json").exists() else []
         return ["whole", "words", "auto", *extra]

@@ -76,6 +76,7 @@ class ScoreStages:
                                  source="exact", target=str(name), params=params)
         if (self.wd / "tracin" / "done").exists():
             self.score_tracin(evaluate, exact, subsets, rows)
+        precond_check = self.score_precond(evaluate, exact) if (self.wd / "precond.npz").exists() else None
         rng = np.random.default_rng(a.seed)
         evaluate("random (mean of 100 draws)", rng.standard_normal((len(rows), 100)), None, "signed", source="random",
                  target="-", params="-")
@@ -91,10 +92,31 @@ class ScoreStages:
                            "attributed": n_gen},
             "targets": json.loads((self.wd / "queries.json").read_text()),
             "attribute_check": json.loads((self.wd / "attribute_check.json").read_text()),
+            "preconditioners": json.loads((self.wd / "precond.json").read_text()) if precond_check else None,
+            "precond_check": precond_check,
             "timings_s": self.timings, "methods": methods,
         }
         return report
 
+
+    def score_precond(self, evaluate, exact) -> dict:
+        """Every preconditioner x row normalisation x tensor set; returns how far the unpreconditioned layer-wise
+        scores (recomputed by the precond stage through the library's preconditioned path) are from the exact stage's."""
+        pre = np.load(self.wd / "precond.npz")
+        cost = json.loads((self.wd / "precond.json").read_text())
+        check = {}
+        for key in pre.files:
+            params, norm, kind = key.split("|")
+            for t, target in enumerate(("whole", "auto")):
+                for ranking in ("signed", "magnitude"):
+                    evaluate(f"exact, {kind} preconditioner, {norm} rows", pre[key][:, :, t], None, ranking,
+                             cost.get(kind, {}).get("factor_bytes"), None, source=f"precond:{kind}:{norm}",
+                             target=target, params=params, fit_seconds=cost.get(kind, {}).get("fit_seconds"))
+            if kind == "none" and norm == "layer":
+                ref = exact[params][:, :, [0, 2]]
+                check[params] = {"max_abs_diff": float(np.abs(pre[key] - ref).max()),
+                                 "max_abs_score": float(np.abs(ref).max())}
+        return check
 
     def score_tracin(self, evaluate, exact, subsets, rows) -> None:
         """One earlier checkpoint alone, and the equal-weight sum over the earlier checkpoints and the final one."""
@@ -137,6 +159,10 @@ PRINTED = [  # (source, target, ranking, params) rows of the printed table; the 
     ("K=4096", "auto", "magnitude", "mlpB"), ("K=16384", "auto", "magnitude", "mlpB"), ("K=65536", "auto", "magnitude", "mlpB"),
     ("K=262144", "auto", "magnitude", "mlpB"), ("K=65536", "auto", "signed", "mlpB"), ("K=65536", "words", "magnitude", "mlpB"),
     ("K=65536", "auto", "magnitude", "B"), ("K=65536", "auto", "magnitude", "all"),
+    # preconditioners x row normalisation (exact gradients)
+    *[(f"precond:{kind}:{norm}", target, ranking, params)
+      for target, ranking, params in (("auto", "magnitude", "mlpB"), ("auto", "magnitude", "all"), ("whole", "signed", "all"))
+      for norm in ("layer", "raw", "cosine") for kind in ("none", "diagonal", "ekfac")],
     ("random", "-", "signed", "-"), ("bm25", "whole", "signed", "-"),
 ]
 
