@@ -287,9 +287,11 @@ class MeasureStages:
                         out.setdefault(f"{key}|{norm}|{kind}", []).append(
                             (vectors @ q.reshape(-1, q.shape[-1]).T).reshape(len(vectors), *q.shape[:2]))
         np.savez(self.wd / "precond.npz", **{k: torch.cat(v).numpy() for k, v in out.items()})
-        (self.wd / "precond.json").write_text(json.dumps({kind: {
+        # the unpreconditioned layer-wise queries, recomputed here, are the queries stage's bit for bit
+        same = bool(torch.equal(queries["none", True], self.query_vectors()[:, [0, 2]]))
+        (self.wd / "precond.json").write_text(json.dumps({"same_queries_as_exact_stage": same, "fits": {kind: {
             "fit_seconds": info["seconds"], "factor_bytes": len(pre.to_bytes()), "rows": info["rows"],
-            "tokens": info["tokens"]} for kind, (pre, info) in fits.items()}, indent=2))
+            "tokens": info["tokens"]} for kind, (pre, info) in fits.items()}}, indent=2))
 
     def tracin_rules(self) -> list[str]:
         extra = [f"gradnorm{self.args.auto_target}"] if (self.wd / "variants.json").exists() else []

@@ -92,7 +92,7 @@ class ScoreStages:
                            "attributed": n_gen},
             "targets": json.loads((self.wd / "queries.json").read_text()),
             "attribute_check": json.loads((self.wd / "attribute_check.json").read_text()),
-            "preconditioners": json.loads((self.wd / "precond.json").read_text()) if precond_check else None,
+            "preconditioners": json.loads((self.wd / "precond.json").read_text())["fits"] if precond_check else None,
             "precond_check": precond_check,
             "timings_s": self.timings, "methods": methods,
         }
@@ -100,11 +100,13 @@ class ScoreStages:
 
 
     def score_precond(self, evaluate, exact) -> dict:
-        """Every preconditioner x row normalisation x tensor set; returns how far the unpreconditioned layer-wise
-        scores (recomputed by the precond stage through the library's preconditioned path) are from the exact stage's."""
+        """Every preconditioner x row normalisation x tensor set. Returns the stage's consistency check: its
+        unpreconditioned layer-wise queries equal the queries stage's, and how far its scores are from the exact
+        stage's (the same vectors, multiplied in other float32 orders)."""
         pre = np.load(self.wd / "precond.npz")
-        cost = json.loads((self.wd / "precond.json").read_text())
-        check = {}
+        meta = json.loads((self.wd / "precond.json").read_text())
+        cost = meta["fits"]
+        check = {"same_queries_as_exact_stage": meta["same_queries_as_exact_stage"]}
         for key in pre.files:
             params, norm, kind = key.split("|")
             for t, target in enumerate(("whole", "auto")):

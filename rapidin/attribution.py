@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 from .cache import DTYPES, open_cache
 from .config import AttributeConfig
 from .data import Tokenized, tokenize
-from .errors import DataError
+from .errors import CacheError, DataError, RapidInError
 from .gradients import GradientComputer
 from .models import LoadedModel
 from .precondition import Preconditioner, load_preconditioner
 from .results import Attribution, GenerationResult, Hit, TokenHits
-from .retrieval import QueryGroup, ScanResult, scan
+from .retrieval import QueryGroup, ScanResult, scan, scan_checkpoints
 from .sketch import Sketch, make_sketch, projector
 from .store import CacheStore, Manifest
 from .targets import auto_target_positions, format_prompt, generate, target_positions
@@ -46,9 +46,16 @@ class Generation(BaseModel):
 def attribute(
     loaded: LoadedModel, generations: Sequence[Generation], store_url: str | None = None, cache_url: str | None = None,
     config: AttributeConfig = AttributeConfig(), storage_options: dict | None = None, progress: bool = True,
-    keep_all_scores: bool = False,
+    keep_all_scores: bool = False, checkpoints: Sequence[Checkpoint] = (),
 ) -> Attribution | tuple[Attribution, ScanResult]:
-    """Rank the cache's training rows for each generation (and tokens, when token_wise)."""
+    """Rank the cache's training rows for each generation (and tokens, when token_wise). With earlier `checkpoints`
+    of the fine-tune (each with its own cache of the same rows), a row's score is the weighted sum of its scores at
+    the final model and at each checkpoint (TracIn), with target tokens chosen by the final model."""
+    if checkpoints:
+        if config.token_wise or keep_all_scores:
+            raise RapidInError("several checkpoints: token-wise scores are not supported yet (drop --token-wise)")
+        return _attribute_checkpoints(loaded, generations, store_url, cache_url, config, storage_options, progress,
+                                      checkpoints)
     t0 = time.perf_counter()
     store, manifest = open_cache(loaded, store_url, cache_url, storage_options=storage_options)
     features = Features.for_config(loaded, store, manifest, config)
@@ -130,12 +137,7 @@ def prepare_queries(
                                 missing, response[:80])
             if config.auto_target:
                 targets, _ = auto_target_positions(loaded, item, config.auto_target, manifest.gradient)
-            weights = None
-            if targets:
-                w = torch.zeros(len(item.input_ids))
-                w[targets] = 1.0
-                weights = [w]
-            whole = sketch(computer.gradients([item], weights))[0]
+            whole = sketch(computer.gradients([item], target_weights(item, targets)))[0]
             bar.update(1)
             tokens = None
             if config.token_wise:
@@ -146,11 +148,74 @@ def prepare_queries(
     return prepared
 
 
+def target_weights(item: Tokenized, targets: list[int] | None) -> list[torch.Tensor] | None:
+    """The loss weights of a query restricted to target positions (None: every response token)."""
+    if not targets:
+        return None
+    w = torch.zeros(len(item.input_ids))
+    w[targets] = 1.0
+    return [w]
+
+
+@dataclass
+class Checkpoint:
+    """An earlier checkpoint of the fine-tune (TracIn): its model, its cache (None: found in the store by the model's
+    name, version and fingerprint) and the weight of its scores (e.g. the learning rate at that checkpoint)."""
+
+    loaded: LoadedModel
+    cache_url: str | None = None
+    weight: float = 1.0
+    label: str = ""
+
+
+def _attribute_checkpoints(loaded: LoadedModel, generations: Sequence[Generation], store_url: str | None,
+                           cache_url: str | None, config: AttributeConfig, storage_options: dict | None, progress: bool,
+                           checkpoints: Sequence[Checkpoint]) -> Attribution:
+    t0 = time.perf_counter()
+    store, manifest = open_cache(loaded, store_url, cache_url, storage_options=storage_options)
+    features = Features.for_config(loaded, store, manifest, config)
+    prepared = prepare_queries(loaded, manifest, generations, config, progress, features)
+    parts = [(store, manifest, torch.stack([p.group.whole for p in prepared]))]
+    labels = [{"label": "final", "weight": 1.0, "cache_id": manifest.cache_id, "cache_url": store.url}]
+    for c, ck in enumerate(checkpoints):
+        other, other_manifest = open_cache(ck.loaded, store_url, ck.cache_url, storage_options=storage_options)
+        _same_rows(store.url, manifest, other.url, other_manifest)
+        f = Features.for_config(ck.loaded, other, other_manifest, config)
+        queries = torch.stack([f.sketch(f.query_computer.gradients([p.item], target_weights(p.item, p.targets)))[0]
+                               for p in prepared])
+        parts.append((other, other_manifest, queries * ck.weight))
+        labels.append({"label": ck.label or f"checkpoint {c + 1}", "weight": ck.weight,
+                       "cache_id": other_manifest.cache_id, "cache_url": other.url})
+    t1 = time.perf_counter()
+    streams = [(sv for _, *sv in s.iter_shards(m.shards, config.verify)) for s, m, _ in parts]
+    streams[0] = tqdm(streams[0], total=len(manifest.shards), desc="scanning caches", unit="shard",
+                      disable=not progress)
+    result = scan_checkpoints(streams, [q for *_, q in parts], config.top_k, loaded.device)
+    t2 = time.perf_counter()
+    attribution = assemble(loaded, store, manifest, prepared, result, config, progress, features, checkpoints=labels)
+    attribution.timings = {"queries": t1 - t0, "scan": t2 - t1, "assemble": time.perf_counter() - t2,
+                           "total": time.perf_counter() - t0}
+    return attribution
+
+
+def _same_rows(url: str, manifest: Manifest, other_url: str, other: Manifest) -> None:
+    """Checkpoint caches are summed row by row: same data set, same rows, same shards."""
+    ranges = lambda m: [(s.start, s.stop) for s in m.shards]  # noqa: E731
+    if (other.dataset["fingerprint"], other.num_rows, ranges(other)) != (manifest.dataset["fingerprint"],
+                                                                       manifest.num_rows, ranges(manifest)):
+        raise CacheError(f"{other_url}: the checkpoint's cache holds other rows or shards than {url} (data "
+                         f"{other.dataset['fingerprint']} vs {manifest.dataset['fingerprint']}, {other.num_rows} vs "
+                         f"{manifest.num_rows} rows, shard_rows {other.shard_rows} vs {manifest.shard_rows}); cache "
+                         "every checkpoint over the same data with the same --shard-rows")
+
+
 def assemble(
     loaded: LoadedModel, store: CacheStore, manifest: Manifest, prepared: list[PreparedQuery], result: ScanResult,
     config: AttributeConfig, progress: bool = False, features: Features | None = None,
+    checkpoints: list[dict] | None = None,
 ) -> Attribution:
-    """Turn scan results into the typed Attribution, adding texts and per-training-token scores."""
+    """Turn scan results into the typed Attribution, adding texts and per-training-token scores (with several
+    checkpoints, the rows' payloads are their per-checkpoint scores)."""
     table = {r["row"]: r for r in store.read_table("examples.parquet")}
     tok = loaded.tokenizer
     score_tokens = config.token_wise and config.train_token_rows > 0
@@ -158,7 +223,8 @@ def assemble(
         features = features or Features.of(loaded, manifest)
     outputs = []
     for p, whole, per_token in zip(prepared, result.whole, result.tokens, strict=True):
-        lists = {kind: _hits(top, table, column=0) for kind, top in whole.items()}
+        payload_field = "checkpoint_scores" if checkpoints else "token_scores"
+        lists = {kind: _hits(top, table, column=0, payload_field=payload_field) for kind, top in whole.items()}
         if score_tokens:
             _score_train_tokens(features, manifest, p, lists, table, config.train_token_rows, progress)
         tokens = [tok.decode([i]) for i in p.item.input_ids[p.item.prompt_len:]]
@@ -172,18 +238,18 @@ def assemble(
             per_token=token_hits, **lists))
     return Attribution(cache_id=manifest.cache_id, cache_url=store.url, model=manifest.model,
                        sketch=manifest.sketch.config.model_dump(), top_k=config.top_k,
-                       preconditioner=config.preconditioner, generations=outputs,
+                       preconditioner=config.preconditioner, checkpoints=checkpoints, generations=outputs,
                        rows_scanned=result.rows_scanned, bytes_scanned=result.bytes_scanned)
 
 
-def _hits(top, table: dict, column: int) -> list[Hit]:
+def _hits(top, table: dict, column: int, payload_field: str = "token_scores") -> list[Hit]:
     hits = []
     for rank in range(top.scores.shape[0]):
         row = int(top.rows[rank, column])
         info = table[row]
         payload = top.payload[rank, column].tolist() if top.payload is not None and top.payload.shape[2] else None
         hits.append(Hit(rank=rank + 1, row=row, id=info["id"], score=float(top.scores[rank, column]),
-                        prompt=info["prompt"], response=info["response"], token_scores=payload))
+                        prompt=info["prompt"], response=info["response"], **{payload_field: payload}))
     return hits
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import sys
@@ -69,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompt", required=True, action="append", help="user prompt (repeat for several generations)")
     q.add_argument("--response", action="append", help="the response to attribute (default: generate greedily)")
     q.add_argument("--raw-prompt", action="store_true", help="do not apply the training data's prompt template")
+    t = a.add_argument_group("several checkpoints (TracIn)")
+    t.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
+                   help="an earlier checkpoint of the fine-tune (repeatable): an adapter directory when --adapter is "
+                   "given (applied to --model), else a whole model. Each needs its own cache over the same data with "
+                   "the same --shard-rows (`rapidin cache` with that --adapter/--model, no --version), found in "
+                   "--store-url; a row's score is the sum of its scores at the final model and each checkpoint")
+    t.add_argument("--checkpoint-weight", action="append", default=[], type=float, metavar="W",
+                   help="weight of each --checkpoint's scores, in order (e.g. the learning rate there relative to the "
+                   "final one; default 1)")
     r = a.add_argument_group("scoring")
     add_model_options(r, AttributeConfig, rename=ATTRIBUTE_FLAGS)
     o = a.add_argument_group("output")
@@ -209,7 +219,7 @@ def _adapter_tensors(args: argparse.Namespace) -> dict:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     """rapidin attribute."""
-    from .attribution import Generation, attribute
+    from .attribution import Checkpoint, Generation, attribute
     from .config import AttributeConfig
 
     responses = args.response or []
@@ -218,15 +228,22 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.open and not args.out:
         raise RapidInError("--open needs --out (the report is written beside the result)")
     config = build(AttributeConfig, given(args, AttributeConfig, rename=ATTRIBUTE_FLAGS), ATTRIBUTE_FLAGS)
+    weights = _checkpoint_weights(args)
     settings = _settings()
     store = None if args.cache else check_url(args.store or settings.store_url, "--store-url", RapidInError)
     if args.cache:
         check_url(args.cache, "--cache", RapidInError)
-    loaded = _load(args, _model_ref(args), settings)
+    ref = _model_ref(args)
+    checkpoint_refs = _checkpoint_refs(args, ref)
+    loaded = _load(args, ref, settings)
     gens = [Generation(prompt=p, response=responses[i] if responses else "", raw_prompt=args.raw_prompt)
             for i, p in enumerate(args.prompt)]
+    checkpoints = [Checkpoint(_load(args, r, settings), weight=w, label=r.adapter or r.path)
+                   for r, w in zip(checkpoint_refs, weights, strict=True)]
+    if checkpoints and store is None:
+        store = check_url(settings.store_url, "RAPIDIN_STORE_URL", RapidInError)  # the checkpoints' caches are found there
     result = attribute(loaded, gens, store_url=store, cache_url=args.cache, config=config,
-                       storage_options=settings.storage_options(args.cache or store))
+                       storage_options=settings.storage_options(args.cache or store), checkpoints=checkpoints)
     _print_attribution(result)
     if args.out:
         out = Path(args.out)
@@ -237,6 +254,26 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         if args.open:
             print(f"report: {_write_report(result, out.with_suffix('.html'))}")
     return 0
+
+
+def _checkpoint_weights(args: argparse.Namespace) -> list[float]:
+    """One finite weight per --checkpoint (default 1)."""
+    weights = args.checkpoint_weight or [1.0] * len(args.checkpoint)
+    if len(weights) != len(args.checkpoint):
+        raise RapidInError(f"--checkpoint-weight given {len(weights)} times for {len(args.checkpoint)} --checkpoint values")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise RapidInError(f"--checkpoint-weight {bad[0]}: must be a finite number")
+    return weights
+
+
+def _checkpoint_refs(args: argparse.Namespace, ref) -> list:
+    """The --checkpoint model references: the final model's, with the checkpoint as its adapter (or as the model)
+    and the version left to the fingerprint."""
+    for path in args.checkpoint:
+        check_url(path, "--checkpoint", RapidInError)
+    return [ref.model_copy(update={"adapter" if ref.adapter else "path": path, "version": None})
+            for path in args.checkpoint]
 
 
 def _write_report(result, path: Path) -> Path:

@@ -22,6 +22,9 @@ class Hit(BaseModel):
     token_scores: list[float] | None = Field(None, description="I(t_j, z) for each generated token j.")
     train_tokens: list[str] | None = Field(None, description="Response tokens of this training row.")
     train_token_scores: list[float] | None = Field(None, description="I(t, z_i) for each of those tokens.")
+    checkpoint_scores: list[float] | None = Field(None, description="Several checkpoints (TracIn): this row's weighted "
+                                                  "score at each, in the order of Attribution.checkpoints; they sum to "
+                                                  "its score.")
 
 
 class TokenHits(BaseModel):
@@ -57,6 +60,8 @@ class Attribution(BaseModel):
     top_k: int
     preconditioner: str = Field("none", description="Curvature applied to the generations' gradients (none, "
                                 "diagonal, ekfac).")
+    checkpoints: list[dict[str, Any]] | None = Field(None, description="Several checkpoints (TracIn): label, weight, "
+                                                     "cache id and URL of each, the final model first.")
     generations: list[GenerationResult]
     timings: dict[str, float] = Field(default_factory=dict)
     rows_scanned: int = 0

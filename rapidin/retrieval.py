@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .errors import CacheError
+
 KINDS = ("helpful", "harmful", "influential")
 
 
@@ -212,4 +214,31 @@ def scan(
                 result.tokens[g] = {kd: top.update(block[:, 1:], rows) for kd, top in result.tokens[g].items()}
             if keep_all_scores:
                 result.all_scores[g] = torch.cat([result.all_scores[g], block[:, 0]])
+    return result
+
+
+def scan_checkpoints(streams: list[Iterable[tuple[torch.Tensor, torch.Tensor]]], queries: list[torch.Tensor], k: int,
+                     device: torch.device | str = "cpu") -> ScanResult:
+    """Several checkpoints (TracIn): each row's score is the sum of its scores in every checkpoint's cache against
+    that checkpoint's queries [G, K_c] (weights folded in). The caches hold the same rows in the same shards, so they
+    are streamed shard by shard in lockstep (memory flat in N); each kept row's payload is its score per checkpoint."""
+    matrices = [q.to(device, torch.float32) for q in queries]
+    result = ScanResult(k, whole=[{kd: TopK.empty(kd, k, 1, len(streams)) for kd in KINDS} for _ in matrices[0]],
+                        tokens=[None] * matrices[0].shape[0])
+    buffers = [torch.empty(0)] * len(streams)
+    for shard, parts in enumerate(zip(*streams, strict=True)):
+        rows = parts[0][1]
+        per_checkpoint = []
+        for c, (vectors, other_rows) in enumerate(parts):
+            if not torch.equal(other_rows, rows):
+                raise CacheError(f"checkpoint caches: shard {shard} holds other rows in cache {c} than in cache 0")
+            scores, buffers[c] = shard_scores(vectors, matrices[c], buffers[c])
+            per_checkpoint.append(scores)
+            result.bytes_scanned += vectors.numel() * vectors.element_size()
+        stacked = torch.stack(per_checkpoint, dim=2)  # [n, G, C]
+        total = stacked.sum(2)
+        result.rows_scanned += rows.numel()
+        for g in range(total.shape[1]):
+            result.whole[g] = {kd: top.update(total[:, g : g + 1], rows, stacked[:, g : g + 1])
+                               for kd, top in result.whole[g].items()}
     return result

@@ -1,6 +1,7 @@
 """The command line on bad input: one line naming the option and the allowed values, exit status 2, nothing
 written; and every numeric option of every command, thrown random values (property test)."""
 
+import math
 import os
 import re
 import subprocess
@@ -144,6 +145,28 @@ def test_random_values_for_every_numeric_option(command, data, tmp_path_factory,
     assert ("model path does not exist" in line) == accepted, line
     if not accepted:
         assert flag in line, line
+    assert not any(store.iterdir())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=values, repeat=st.integers(1, 3))
+def test_random_checkpoint_weights(value, repeat, tmp_path_factory, capsys):
+    """--checkpoint-weight (not from a config model): a finite number per --checkpoint is accepted (then the missing
+    model is the error); anything else is one line naming the option. Exit 2 either way, nothing written."""
+    store = tmp_path_factory.mktemp("store")
+    argv = [a.replace("MODEL", "/nonexistent/model").replace("STORE", store.as_uri()) for a in ATTRIBUTE]
+    argv += ["--checkpoint", "/nonexistent/ckpt", "--checkpoint-weight", str(value)]
+    argv += ["--checkpoint-weight", "1"] * (repeat - 1)
+    code, _, err = run(argv, "", "", store, capsys)
+    line = one_line(err)
+    assert code == 2 and line.startswith("rapidin attribute: error:"), line
+    try:
+        accepted = repeat == 1 and math.isfinite(float(str(value)))
+    except ValueError:
+        accepted = False
+    assert ("model path does not exist" in line) == accepted, line
+    if not accepted:
+        assert "--checkpoint-weight" in line, line
     assert not any(store.iterdir())
 
 

@@ -55,7 +55,7 @@ def report(tmp_path_factory):
     prepare_workdir(wd)
     out = wd / "results.json"
     assert howdy.main(["--gguf", str(GGUF), "--data", str(HOWDY), "--workdir", str(wd), "--out", str(out),
-                       "--k", str(2**14), str(K), "--cache-subsets", "all", "mlpB", "--extra-n", "--generations", "99"]) == 0
+                       "--k", str(2**14), str(K), "--cache-subsets", "all", "mlpB", "--extra-n", "--generations", "99", "--preconditioners"]) == 0
     return json.loads(out.read_text()) | {"workdir": str(wd)}
 
 
@@ -104,3 +104,18 @@ def test_rapidgrad_agrees_with_exact_scores(report):
     assert fine["spearman"] > coarse["spearman"]  # more dimensions, closer to exact
     default = method(report, f"K={K}", "auto", "magnitude", "mlpB")
     assert default["spearman"] > method(report, f"K={2**14}", "auto", "magnitude", "mlpB")["spearman"]
+
+
+def test_preconditioner_stage(report):
+    """Every preconditioner x row normalisation x tensor set is scored; its unpreconditioned layer-wise queries are
+    the exact stage's bit for bit; fit cost is recorded."""
+    check = report["precond_check"]
+    assert check["same_queries_as_exact_stage"], check
+    scored = {(m["source"], m["target"], m["ranking"], m["params"]) for m in report["methods"]}
+    expected = {(f"precond:{kind}:{norm}", target, ranking, params) for kind in ("none", "diagonal", "ekfac")
+                for norm in ("layer", "raw", "cosine") for target in ("whole", "auto")
+                for ranking in ("signed", "magnitude") for params in ("mlpB", "all")}
+    assert expected <= scored, expected - scored
+    for kind in ("diagonal", "ekfac"):
+        fit = report["preconditioners"][kind]
+        assert fit["rows"] == report["setup"]["rows_scored"] and fit["fit_seconds"] > 0 and fit["factor_bytes"] > 0

@@ -43,7 +43,8 @@ def render_html(attribution: Attribution, title: str | None = None, images: Mapp
     return page(
         "report.html", title=title, meta=_meta(attribution),
         nav=[_preview(gen.prompt, 80) for gen in attribution.generations],
-        sections=[Markup(_generation(g, gen)) for g, gen in enumerate(attribution.generations)],
+        sections=[Markup(_generation(g, gen, _checkpoint_labels(attribution)))
+                  for g, gen in enumerate(attribution.generations)],
         images=[(caption, base64.b64encode(png).decode("ascii")) for caption, png in (images or {}).items()],
         data=Markup(script_json(to_payload(attribution))), script=static("report.js"))
 
@@ -53,6 +54,11 @@ def _meta(att: Attribution) -> list[tuple[str, str]]:
     items = [("Model", f"{att.model.get('name', '?')} (version {att.model.get('version', '?')})"),
              ("Cache", f"{att.cache_id} at {att.cache_url}"), ("Sketch", sketch), ("Top-k", str(att.top_k)),
              ("Rows scanned", f"{att.rows_scanned:,} ({att.bytes_scanned / 2**20:.1f} MiB)")]
+    if att.checkpoints:
+        items.append(("Checkpoints (TracIn)", ", ".join(f"{c['label']} (weight {c['weight']:g}, cache {c['cache_id']})"
+                                                        for c in att.checkpoints)))
+    if att.preconditioner != "none":
+        items.append(("Preconditioner", att.preconditioner))
     if att.timings:
         items.append(("Timings", ", ".join(f"{k} {v:.2f}s" for k, v in att.timings.items())))
     return items
@@ -96,7 +102,11 @@ def _tokens_html(tokens: Sequence[str], values: Sequence[float | None], scale: f
     return "".join(out)
 
 
-def _generation(g: int, gen: GenerationResult) -> str:
+def _checkpoint_labels(att: Attribution) -> list[str]:
+    return [c["label"] for c in att.checkpoints or []]
+
+
+def _generation(g: int, gen: GenerationResult, checkpoints: Sequence[str] = ()) -> str:
     options = view_options(gen)
     default = options[0][0] if options else ""
     values = view_values(gen, default) if default else [None] * len(gen.tokens)
@@ -141,13 +151,13 @@ def _generation(g: int, gen: GenerationResult) -> str:
             p.append('<p class="note">No rows.</p>')
         list_scale = _scale(h.score for h in hits)
         p.append("<ol class=\"hits\">")
-        p.extend(_hit_html(kind, i, hit, list_scale) for i, hit in enumerate(hits))
+        p.extend(_hit_html(kind, i, hit, list_scale, checkpoints) for i, hit in enumerate(hits))
         p.append("</ol></div>")
     p.append("</section>")
     return "".join(p)
 
 
-def _hit_html(kind: str, index: int, hit: Hit, scale: float) -> str:
+def _hit_html(kind: str, index: int, hit: Hit, scale: float, checkpoints: Sequence[str] = ()) -> str:
     style, neg = _style(hit.score, scale)
     p = [f'<li class="hit" data-kind="{kind}" data-index="{index}" data-rank="{hit.rank}" data-row="{hit.row}" '
          f'data-id="{_e(hit.id)}" data-score="{_e(repr(float(hit.score)))}">',
@@ -160,6 +170,9 @@ def _hit_html(kind: str, index: int, hit: Hit, scale: float) -> str:
         p.append(f'<button type="button" class="use-view" data-view="row:{kind}:{index}">colour generation by this row'
                  "</button>")
     p.append("</div>")
+    if hit.checkpoint_scores:
+        parts = " \u00b7 ".join(f"{_e(label)} {_e(fmt_score(v))}" for label, v in zip(checkpoints, hit.checkpoint_scores))
+        p.append(f'<div class="note checkpoints">per checkpoint: {parts}</div>')
     if hit.train_tokens and hit.train_token_scores:
         tscale = _scale(hit.train_token_scores)
         tokens = _tokens_html(hit.train_tokens, hit.train_token_scores, tscale, "ttok")

@@ -35,7 +35,7 @@ def _strip_hit(hit: dict, texts: dict[str, dict[str, str]]) -> None:
     if all(entry[f] == hit[f] for f in _TEXT_FIELDS):  # else (same row, other text) keep them inline
         for f in _TEXT_FIELDS:
             del hit[f]
-    for f in ("token_scores", "train_tokens", "train_token_scores"):
+    for f in ("token_scores", "train_tokens", "train_token_scores", "checkpoint_scores"):
         if hit.get(f) is None:
             hit.pop(f, None)
 
