@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect import flow
 from prefect.logging import get_run_logger
@@ -12,7 +12,7 @@ from pydantic import Field
 from rapidin.attribution import Generation
 from rapidin.config import AttributeConfig
 from rapidin.results import Attribution
-from tasks.attribution import assemble_task, open_cache_task, prepare_queries_task
+from tasks.attribution import assemble_task, attribute_checkpoints_task, open_cache_task, prepare_queries_task
 from tasks.cache import remove_dir, scratch_url
 from tasks.common import ModelSpec, ScanGroup, ScanPlacement, form_help, settings, split_groups
 from tasks.dispatch import choose_scan_executor
@@ -35,6 +35,13 @@ def attribute(
     = AttributeConfig(),
     advanced: Annotated[ScanPlacement, Field(description="Deployment plumbing: which cache to read and where the "
                                              "scan runs. The defaults suit most runs.")] = ScanPlacement(),
+    checkpoints: Annotated[Literal["final", "all"], Field(description="final: the version's model alone; all: sum "
+                                                          "each row's scores over the checkpoints its fine-tune kept "
+                                                          "and the final model (TracIn; the re-cache flow caches "
+                                                          "them; the scan runs in this flow run).")] = "final",
+    checkpoint_weights: Annotated[Literal["equal", "learning_rate"], Field(
+        description="With all checkpoints: weigh each equally, or by the learning rate of the epoch it ends "
+        "relative to the final epoch's.")] = "equal",
 ) -> Attribution:
     """Which training rows made these generations? Top-k helpful, harmful and influential rows per generation."""
     logger = get_run_logger()
@@ -44,10 +51,11 @@ def attribute(
                          {"model_uri": uri, "prompt": generations[0].prompt[:500], "top_k": config.top_k,
                           "token_wise": config.token_wise, "target": ",".join(config.target),
                           "auto_target": config.auto_target, "preconditioner": config.preconditioner,
-                          "executor": advanced.executor,
+                          "checkpoints": checkpoints, "executor": advanced.executor,
                           "generations": len(generations)})
     try:
-        attribution, manifest, used, resolved = _attribute(model, generations, config, advanced, t0)
+        tracin = checkpoint_weights if checkpoints == "all" else None
+        attribution, manifest, used, resolved = _attribute(model, generations, config, advanced, t0, tracin)
         log_attribution_run(run, attribution, manifest, attribution.timings, used, resolved)
     except Exception as exc:
         fail_run_task(run, exc)
@@ -63,16 +71,22 @@ def attribute(
 
 
 def _attribute(model: ModelSpec, generations: list[Generation], config: AttributeConfig, advanced: ScanPlacement,
-               t0: float):
+               t0: float, tracin: str | None = None):
     """The steps: resolve and load the model, open its cache, sketch the queries, scan (here or fanned out), merge,
-    assemble. Returns (attribution with its timings, manifest, how the scan ran, the resolved model)."""
+    assemble; or, with `tracin` (a weighting), the same over the kept checkpoints in this flow run. Returns
+    (attribution with its timings, manifest, how the scan ran, the resolved model)."""
     s = settings()
     cache_url, store_url, device = advanced.cache_url or None, advanced.store_url or None, advanced.device or s.device
     resolved = resolve_model(model)
-    if cache_url is None and store_url is None and resolved.registry:
+    if cache_url is None and store_url is None and resolved.registry and not resolved.checkpoint:
         cache_url = resolved.registry.tags.get(CACHE_URL_TAG)
     loaded, store, manifest, load_seconds = open_cache_task(resolved, device, store_url, cache_url)
     t1 = time.perf_counter()
+    if tracin:
+        attribution = attribute_checkpoints_task(loaded, store, resolved, generations, config, tracin, device,
+                                                 store_url or s.store_url)
+        attribution.timings = {"load": load_seconds, **attribution.timings, "total": time.perf_counter() - t0}
+        return attribution, manifest, {"groups": 1, "executor_used": "local"}, resolved
     prepared, features = prepare_queries_task(loaded, store, manifest, generations, config)
     work_url = scratch_url(store.url)
     write_queries(work_url, [p.group for p in prepared])

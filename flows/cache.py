@@ -71,7 +71,7 @@ def cache_gradients(
                    rows=manifest.num_rows, shards=manifest.num_shards)
     if manifest.complete:
         logger.info("cache %s is already complete; nothing to build", cache_url)
-        if resolved.registry and in_default_store(cache_url, s):
+        if resolved.registry and not resolved.checkpoint and in_default_store(cache_url, s):
             tag_model_version_task(resolved.registry.name, resolved.registry.version, cache_url, manifest.cache_id)
         if preconditioners:  # an existing cache gains the preconditioners it lacks, in a run of their own
             run = start_run_task("cache", f"fit preconditioners {name} v{version}", {"model_uri": public_uri(model.uri)},

@@ -13,7 +13,7 @@ from rapidin.finetune import FinetuneConfig
 from tasks.common import ModelSpec, form_help, settings
 from tasks.finetune import RegisteredVersion, train
 from tasks.publish import emit_model_registered
-from tasks.tracking import DATA_URL_TAG, register_model
+from tasks.tracking import CHECKPOINTS_TAG, DATA_URL_TAG, register_model
 
 
 @flow(name="finetune", log_prints=True)
@@ -38,7 +38,7 @@ def finetune_model(
         metrics = {"rows": float(stats["rows"]), "seconds_load": stats["seconds_load"],
                    "seconds_train": stats["seconds_train"]}
         version_tags = {DATA_URL_TAG: data_url, "dataset_fingerprint": stats["dataset_fingerprint"],
-                        "base": base.uri}
+                        "base": base.uri, CHECKPOINTS_TAG: ",".join(stats["checkpoints"])}
         reg = register_model(tmp, register_as, params, metrics, {"dataset_fingerprint": stats["dataset_fingerprint"]},
                              version_tags, alias)
     emit_model_registered(reg["name"], reg["version"], data_url, reg["run_id"])

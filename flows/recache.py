@@ -10,6 +10,7 @@ from pydantic import Field
 
 from rapidin.config import BuildConfig, GradientConfig, SketchConfig, default_of, field_of
 from tasks.common import Executor, ModelSpec, form_help, settings
+from tasks.models import resolve_model
 from tasks.recache import find_versions
 from tasks.tracking import DATA_URL_TAG
 
@@ -37,7 +38,8 @@ def recache_new_versions(
     store_url: Annotated[str, Field(description="Cache store root; empty: RAPIDIN_STORE_URL.")] = "",
     max_versions: Annotated[int, Field(ge=1, le=10_000, description="Newest versions per model to consider.")] = 20,
 ) -> list[CacheSummary]:
-    """Build exactly one cache for each registered version that has none; skip cached ones."""
+    """Build exactly one cache for each registered version that has none (and one for each checkpoint its fine-tune
+    kept); skip cached versions."""
     logger = get_run_logger()
     s = settings()
     store = store_url or s.store_url
@@ -50,9 +52,11 @@ def recache_new_versions(
             logger.warning("%s v%s: no %s tag and no data_url parameter; skipped", v.name, v.version, DATA_URL_TAG)
             continue
         logger.info("%s v%s: building its cache over %s", v.name, v.version, v.data_url)
-        built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version), data_url=v.data_url,
-                                     sketch=sketch or s.default_sketch(),
-                                     gradient=gradient or GradientConfig(), shard_rows=shard_rows, executor=executor,
-                                     preconditioners=preconditioners,
-                                     groups=groups or None, store_url=store))
+        options = dict(data_url=v.data_url, sketch=sketch or s.default_sketch(), gradient=gradient or GradientConfig(),
+                       shard_rows=shard_rows, executor=executor, preconditioners=preconditioners, groups=groups or None,
+                       store_url=store)
+        built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version), **options))
+        for checkpoint in resolve_model(ModelSpec.registry(v.name, v.version)).checkpoints:  # for TracIn attributions
+            logger.info("%s v%s: caching its checkpoint %s", v.name, v.version, checkpoint)
+            built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version, checkpoint), **options))
     return built

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from .data import Example, tokenize
@@ -36,6 +36,31 @@ class FinetuneConfig(BaseModel):
     max_length: int = Field(256, ge=2)
     seed: int = 0
     lora: LoraSettings | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    keep_checkpoints: tuple[int, ...] = Field(
+        (), description="Epochs after which the model (the adapter, for LoRA) is kept as a checkpoint, for "
+        "attributions that sum over checkpoints (TracIn); each must end before the last epoch.")
+
+    @model_validator(mode="after")
+    def _checkpoints_inside_training(self) -> FinetuneConfig:
+        bad = [e for e in self.keep_checkpoints if not 1 <= e < self.epochs]
+        if bad:
+            raise ValueError(f"keep_checkpoints {bad}: each must be an epoch from 1 to before the last ({self.epochs:g})")
+        if len(set(self.keep_checkpoints)) != len(self.keep_checkpoints):
+            raise ValueError(f"keep_checkpoints {list(self.keep_checkpoints)}: repeated epoch")
+        return self
+
+    def steps(self, rows: int) -> int:
+        """Optimizer steps of a run over `rows` training rows."""
+        return max(1, int(self.epochs * rows / self.batch_size))
+
+    def epoch_learning_rates(self, rows: int) -> dict[int, float]:
+        """Mean learning rate of the steps of each epoch (1-based; the last may be partial): TracIn's weight of the
+        checkpoint that epoch ends at."""
+        steps = self.steps(rows)
+        per_epoch: dict[int, list[float]] = {}
+        for step in range(steps):  # the schedule below: linear decay from lr to 0
+            per_epoch.setdefault(step * self.batch_size // rows + 1, []).append(self.lr * (1.0 - step / steps))
+        return {epoch: sum(v) / len(v) for epoch, v in per_epoch.items()}
 
 
 def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfig, progress: bool = True,
@@ -56,7 +81,7 @@ def finetune(loaded: LoadedModel, examples: list[Example], config: FinetuneConfi
     items = [tokenize(loaded.tokenizer, ex.prompt, ex.response, config.max_length) for ex in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    steps = max(1, int(config.epochs * len(items) / config.batch_size))
+    steps = config.steps(len(items))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
     rng = random.Random(config.seed)
     order: list[int] = []

@@ -56,11 +56,13 @@ class ModelSpec(BaseModel):
     version: str = Field("", description="The model's version in the cache store; empty: from the URI (models:/ URIs "
                          "give the version), else the weights' fingerprint.")
     dtype: ModelDtype = Field("float32", description="Weights dtype on the device.")
+    checkpoint: str = Field("", description="A checkpoint the fine-tune of a registered version kept (e.g. epoch-2) "
+                            "instead of the final model; empty: the final model.")
 
     @classmethod
-    def registry(cls, name: str, version: str | int) -> ModelSpec:
-        """The spec of a registered model version."""
-        return cls(uri=f"models:/{name}/{version}")
+    def registry(cls, name: str, version: str | int, checkpoint: str = "") -> ModelSpec:
+        """The spec of a registered model version (or of one of its kept checkpoints)."""
+        return cls(uri=f"models:/{name}/{version}", checkpoint=checkpoint)
 
 
 class ScanPlacement(BaseModel):

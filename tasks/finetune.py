@@ -39,9 +39,15 @@ def train(base: ModelSpec, data_url: str, config: FinetuneConfig, device: str, o
     loaded = load_model(resolved.ref, device, s.storage_options(resolved.ref.path), s.model_cache_dir)
     examples, fmt = load_examples(data_url, "auto", loaded.tokenizer, s.storage_options(data_url))
     t1 = time.perf_counter()
-    finetune(loaded, examples, config, progress=False)
-    t2 = time.perf_counter()
     out = Path(out_dir)
+
+    def keep(epoch: int, model) -> None:  # the adapter (LoRA) or the whole model, for TracIn attributions
+        if epoch in config.keep_checkpoints:
+            model.save_pretrained(out / "checkpoints" / f"epoch-{epoch}")
+            loaded.tokenizer.save_pretrained(out / "checkpoints" / f"epoch-{epoch}")
+
+    finetune(loaded, examples, config, progress=False, on_epoch=keep)
+    t2 = time.perf_counter()
     if config.lora is None:
         save(loaded, out)
         layout = {"base": ".", "adapter": None}
@@ -55,6 +61,10 @@ def train(base: ModelSpec, data_url: str, config: FinetuneConfig, device: str, o
             layout = {"base": "base", "adapter": "adapter"}
         else:
             layout = {"base": base.uri if REGISTRY_URI.match(base.uri) else base_ref.path, "adapter": "adapter"}
+    rates = config.epoch_learning_rates(len(examples))
+    layout["checkpoints"] = {f"epoch-{e}": {"dir": f"checkpoints/epoch-{e}", "lr": rates[e]}
+                             for e in config.keep_checkpoints}
+    layout["final_lr"] = rates[max(rates)]
     (out / LAYOUT_FILE).write_text(json.dumps(layout))
-    return {"rows": len(examples), "format": fmt, "dataset_fingerprint": dataset_fingerprint(examples, fmt),
+    return {"checkpoints": sorted(layout["checkpoints"]), "rows": len(examples), "format": fmt, "dataset_fingerprint": dataset_fingerprint(examples, fmt),
             "seconds_load": t1 - t0, "seconds_train": t2 - t1}

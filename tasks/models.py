@@ -54,11 +54,15 @@ class ResolvedModel(BaseModel):
 
     ref: ModelRef
     registry: RegistryInfo | None = None
+    checkpoint: str = ""  # set: this is a kept checkpoint of the registry version, not its final model
+    checkpoints: dict[str, float] = {}  # the version's kept checkpoints and their learning rates (TracIn weights)
+    final_lr: float | None = None  # the learning rate of the version's last epoch
 
     def pinned(self) -> ModelSpec:
         """A spec that resolves to exactly this model again (aliases replaced by the version number)."""
         if self.registry:
-            return ModelSpec(uri=f"models:/{self.registry.name}/{self.registry.version}", dtype=self.ref.dtype)
+            return ModelSpec(uri=f"models:/{self.registry.name}/{self.registry.version}", dtype=self.ref.dtype,
+                             checkpoint=self.checkpoint)
         return ModelSpec(uri=self.ref.path, adapter=self.ref.adapter or "", name=self.ref.name or "",
                          version=self.ref.version or "", dtype=self.ref.dtype)
 
@@ -77,6 +81,8 @@ def resolve(spec: ModelSpec, s: Settings | None = None) -> ResolvedModel:
     if not match:
         if spec.uri.startswith("models:/"):
             raise ModelError(f"{spec.uri}: not a registry URI (use models:/name/version or models:/name@alias)")
+        if spec.checkpoint:
+            raise ModelError(f"{spec.uri}: checkpoints belong to registered versions (models:/name/version)")
         return ResolvedModel(ref=ModelRef(path=spec.uri, adapter=spec.adapter or None, name=spec.name or None,
                                           version=spec.version or None, dtype=spec.dtype))
     if spec.adapter:
@@ -93,8 +99,19 @@ def resolve(spec: ModelSpec, s: Settings | None = None) -> ResolvedModel:
     info = RegistryInfo(name=name, version=str(mv.version), alias=alias, run_id=mv.run_id, tags=dict(mv.tags or {}))
     local = _download(name, info.version, s)
     path, adapter = _layout(local, s)
-    ref = ModelRef(path=path, adapter=adapter, name=name, version=info.version, dtype=spec.dtype)
-    return ResolvedModel(ref=ref, registry=info)
+    layout = json.loads((local / LAYOUT_FILE).read_text()) if (local / LAYOUT_FILE).exists() else {}
+    kept = layout.get("checkpoints", {})
+    version = info.version
+    if spec.checkpoint:
+        if spec.checkpoint not in kept:
+            raise ModelError(f"{spec.uri}: no checkpoint {spec.checkpoint!r} kept by its fine-tune (kept: "
+                             f"{', '.join(kept) or 'none'})")
+        where = str((local / kept[spec.checkpoint]["dir"]).resolve())
+        path, adapter = (path, where) if adapter else (where, None)
+        version = f"{info.version}-{spec.checkpoint}"  # its caches live beside the final model's, never mixed
+    ref = ModelRef(path=path, adapter=adapter, name=name, version=version, dtype=spec.dtype)
+    return ResolvedModel(ref=ref, registry=info, checkpoint=spec.checkpoint,
+                         checkpoints={c: float(v["lr"]) for c, v in kept.items()}, final_lr=layout.get("final_lr"))
 
 
 _DOWNLOAD_LOCK = threading.Lock()

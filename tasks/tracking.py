@@ -33,6 +33,7 @@ CACHE_URL_TAG = "rapidin.cache_url"
 CACHE_ID_TAG = "rapidin.cache_id"
 CACHE_RUN_TAG = "rapidin.cache_run_id"
 DATA_URL_TAG = "rapidin.data_url"
+CHECKPOINTS_TAG = "rapidin.checkpoints"  # the checkpoints a fine-tune kept, e.g. "epoch-1,epoch-2"
 
 
 def public_uri(uri: str) -> str:
@@ -183,7 +184,7 @@ def log_cache_build(run: dict[str, str], manifest: Manifest, model: ResolvedMode
     _log(client, run_id, sketch_params(manifest) | (extra_params or {}), metrics, tags)
     client.log_text(run_id, manifest.model_dump_json(indent=2), "manifest.json")
     client.set_terminated(run_id, "FINISHED")
-    if model.registry and in_default_store(cache_url, s):
+    if model.registry and not model.checkpoint and in_default_store(cache_url, s):
         tag_model_version(model.registry.name, model.registry.version, cache_url, manifest.cache_id, run_id)
     return run
 

@@ -391,6 +391,50 @@ def test_recache_builds_each_new_version_exactly_once(world: World, monkeypatch:
     assert len(find_caches(world.store_url, "tiny", "2")) == 1
 
 
+def test_checkpoints_are_kept_cached_and_summed(world: World) -> None:
+    """TracIn through the stack: the fine-tune keeps an epoch's adapter (tagged on the version, learning rate
+    recorded), the re-cache flow caches the version and that checkpoint, and the attribute flow sums each row's
+    scores over both, weighted by learning rate, with per-checkpoint scores in the result and the MLflow run."""
+    from flows.attribute import attribute
+    from flows.finetune import finetune_model
+    from flows.recache import recache_new_versions
+    from rapidin.attribution import Generation
+    from rapidin.config import AttributeConfig
+    from rapidin.finetune import FinetuneConfig, LoraSettings
+    from tasks.common import ModelSpec
+    from tasks.models import resolve
+    from tasks.tracking import CHECKPOINTS_TAG
+
+    config = FinetuneConfig(epochs=2, batch_size=16, lora=LoraSettings(r=8, alpha=16), keep_checkpoints=(1,))
+    reg = finetune_model(base=ModelSpec(uri="models:/tiny/1"), data_url=world.snapshot.url, register_as="tiny",
+                         config=config)
+    version = mlflow().get_model_version("tiny", reg.version)
+    assert version.tags[CHECKPOINTS_TAG] == "epoch-1"
+    resolved = resolve(ModelSpec(uri=reg.uri))
+    rows = world.snapshot.rows
+    rates = config.epoch_learning_rates(rows)
+    assert resolved.checkpoints == {"epoch-1": pytest.approx(rates[1])} and resolved.final_lr == pytest.approx(rates[2])
+    checkpoint = resolve(ModelSpec.registry("tiny", reg.version, "epoch-1"))
+    assert checkpoint.ref.adapter != resolved.ref.adapter and checkpoint.ref.version == f"{reg.version}-epoch-1"
+
+    built = recache_new_versions(model_name="tiny", shard_rows=8)
+    assert [(b.model_version, b.built) for b in built] == [(reg.version, True), (f"{reg.version}-epoch-1", True)]
+    final_tag = mlflow().get_model_version("tiny", reg.version).tags["rapidin.cache_url"]
+    assert final_tag == built[0].cache_url  # the checkpoint's cache never becomes the version's cache of record
+
+    gens = [Generation(prompt=QUERY)]
+    att = attribute(model=ModelSpec(uri=reg.uri), generations=gens, config=AttributeConfig(top_k=4),
+                    checkpoints="all", checkpoint_weights="learning_rate")
+    assert [c["label"] for c in att.checkpoints] == ["final", "epoch-1"]
+    assert att.checkpoints[1]["weight"] == pytest.approx(rates[1] / rates[2])
+    assert att.checkpoints[1]["cache_id"] == built[1].cache_id
+    for hit in att.generations[0].influential:
+        parts = hit.checkpoint_scores
+        assert len(parts) == 2 and abs(hit.score - sum(parts)) <= 2 * 2.0**-24 * sum(abs(p) for p in parts)
+    (run,) = [r for r in runs("attribution") if r.data.params.get("checkpoints") == "all"]
+    assert run.info.status == "FINISHED"
+
+
 def test_store_and_data_on_seaweedfs(world: World, seaweed_s3, monkeypatch: pytest.MonkeyPatch) -> None:
     """Snapshot, cache and scan on a real S3 endpoint give the local store's numbers; the real keys stay out of MLflow."""
     from flows.attribute import attribute
