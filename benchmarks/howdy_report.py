@@ -77,6 +77,15 @@ class ScoreStages:
         if (self.wd / "tracin" / "done").exists():
             self.score_tracin(evaluate, exact, subsets, rows)
         precond_check = self.score_precond(evaluate, exact) if (self.wd / "precond.npz").exists() else None
+        peers = json.loads((self.wd / "peers.json").read_text()) if (self.wd / "peers.json").exists() else None
+        if peers:
+            got = np.load(self.wd / "peers.npz")
+            for strategy, cost in peers["kronfluence"].items():
+                for t, target in enumerate(("whole", "auto")):
+                    for ranking in ("signed", "magnitude"):
+                        evaluate(f"kronfluence {strategy}", got[strategy][:, :, t], None, ranking, cost["factor_bytes"],
+                                 None, source=f"kronfluence:{strategy}", target=target, params=peers["tensors"],
+                                 cpu_seconds=cost["total_cpu_seconds"])
         rng = np.random.default_rng(a.seed)
         evaluate("random (mean of 100 draws)", rng.standard_normal((len(rows), 100)), None, "signed", source="random",
                  target="-", params="-")
@@ -93,7 +102,7 @@ class ScoreStages:
             "targets": json.loads((self.wd / "queries.json").read_text()),
             "attribute_check": json.loads((self.wd / "attribute_check.json").read_text()),
             "preconditioners": json.loads((self.wd / "precond.json").read_text())["fits"] if precond_check else None,
-            "precond_check": precond_check,
+            "precond_check": precond_check, "peers": peers,
             "timings_s": self.timings, "methods": methods,
         }
         return report
@@ -165,6 +174,9 @@ PRINTED = [  # (source, target, ranking, params) rows of the printed table; the 
     *[(f"precond:{kind}:{norm}", target, ranking, params)
       for target, ranking, params in (("auto", "magnitude", "mlpB"), ("auto", "magnitude", "all"), ("whole", "signed", "all"))
       for norm in ("layer", "raw", "cosine") for kind in ("none", "diagonal", "ekfac")],
+    # peers, same rows and generations
+    *[(f"kronfluence:{strategy}", target, ranking, "mlpB") for strategy in ("ekfac", "diagonal")
+      for target, ranking in (("auto", "magnitude"), ("auto", "signed"), ("whole", "signed"))],
     ("random", "-", "signed", "-"), ("bm25", "whole", "signed", "-"),
 ]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,57 +47,20 @@ def ours(loaded, items, batch: int) -> dict:
 
 
 def kronfluence_run(loaded, items, batch: int, tensors: list[str]) -> dict:
-    import torch
-    import torch.nn.functional as F
+    import tempfile
+
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    pad = loaded.tokenizer.pad_token_id or 0
-
-    def example(it) -> dict:
-        ids = torch.tensor(it.input_ids)
-        labels = ids.clone()
-        labels[: it.prompt_len] = -100  # the loss on the response only, as ours
-        return {"input_ids": ids, "labels": labels}
-
-    def collate(rows: list[dict]) -> dict:  # padded per batch, as ours
-        n = max(len(r["input_ids"]) for r in rows)
-        out = {"input_ids": torch.full((len(rows), n), pad), "labels": torch.full((len(rows), n), -100),
-               "attention_mask": torch.zeros(len(rows), n, dtype=torch.long)}
-        for b, r in enumerate(rows):
-            out["input_ids"][b, : len(r["input_ids"])] = r["input_ids"]
-            out["labels"][b, : len(r["labels"])] = r["labels"]
-            out["attention_mask"][b, : len(r["input_ids"])] = 1
-        return out
-
-    modules = [name.removesuffix(".weight") for name in tensors]
-
-    class CausalLMTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            return self.compute_train_loss(batch, model)
-
-        def get_influence_tracked_modules(self):
-            return modules
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
+    from kronfluence.utils.dataset import DataLoaderKwargs
+    from kronfluence_task import causal_lm_task, collate_fn, example
 
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # length-sorted, as ours batches
     train = [example(items[i]) for i in order]
-    task = CausalLMTask()
+    task = causal_lm_task([name.removesuffix(".weight") for name in tensors])
     model = prepare_model(loaded.model, task)
     with tempfile.TemporaryDirectory() as out:
         analyzer = Analyzer("peers", model, task, cpu=True, disable_tqdm=True, output_dir=out)
-        kwargs = {"collate_fn": collate}
-        from kronfluence.utils.dataset import DataLoaderKwargs
-
-        analyzer.set_dataloader_kwargs(DataLoaderKwargs(**kwargs))
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate_fn(loaded.tokenizer.pad_token_id or 0)))
         analyzer.fit_all_factors("identity", train, per_device_batch_size=batch,
                                  factor_args=FactorArguments(strategy="identity"), overwrite_output_dir=True)
         t0 = time.perf_counter()
@@ -109,7 +71,7 @@ def kronfluence_run(loaded, items, batch: int, tensors: list[str]) -> dict:
         scores = analyzer.load_pairwise_scores("scores")
     shape = tuple(scores["all_modules"].shape)
     return {"seconds": seconds, "examples_per_s": len(items) / seconds, "scores_shape": shape,
-            "tracked_modules": len(modules)}
+            "tracked_modules": len(tensors)}
 
 
 def main(argv: list[str] | None = None) -> int:

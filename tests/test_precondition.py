@@ -1,7 +1,10 @@
 """Preconditioners against brute force on the tiny model in float64: per-example gradients from a batch-1 autograd
 loop, the dense empirical Fisher of each layer, and H^-1 v by a dense solve."""
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +174,91 @@ def test_fit_store_guard_and_attribute_end_to_end(tiny, toy_data, tmp_path):
     (path / next(path.rglob(record_name("diagonal"))).relative_to(path)).unlink()
     with pytest.raises(CacheError, match="--preconditioners diagonal"):
         attribute(tiny, gens, cache_url=plan.store.url, config=AttributeConfig(preconditioner="diagonal"), progress=False)
+
+
+PEERS = Path(__file__).resolve().parents[1] / ".rapidin" / "peers"
+
+
+def _kronfluence_available() -> bool:
+    if str(PEERS) not in sys.path:
+        sys.path.append(str(PEERS))
+    return importlib.util.find_spec("kronfluence") is not None
+
+
+@pytest.mark.peers
+@pytest.mark.needs(_kronfluence_available(), f"kronfluence missing from {PEERS}: run `make peers`")
+def test_ekfac_scores_equal_kronfluence(fitted, tmp_path):
+    """The same tiny model (float64), rows and tracked layers in kronfluence 1.0.1 with EK-FAC set up as ours: the
+    empirical Fisher, each example's mean response loss, damping 0.1 x the mean eigenvalue, float64 throughout.
+    Its pairwise scores g_q^T H^-1 g_t equal ours (raw gradients, no sketch) within a perturbation bound."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    computer, items, loops, fits = fitted
+    loaded = computer.loaded
+    pad = loaded.tokenizer.pad_token_id or 0
+    data = [{"ids": torch.tensor(it.input_ids), "prompt_len": torch.tensor(it.prompt_len)} for it in items]
+
+    def collate(rows):
+        n = max(len(r["ids"]) for r in rows)
+        ids = torch.full((len(rows), n), pad)
+        mask = torch.zeros(len(rows), n, dtype=torch.long)
+        weights = torch.zeros(len(rows), n, dtype=torch.float64)  # the response tokens, as ours
+        for b, r in enumerate(rows):
+            ids[b, : len(r["ids"])], mask[b, : len(r["ids"])] = r["ids"], 1
+            weights[b, int(r["prompt_len"]) : len(r["ids"])] = 1.0
+        return {"ids": ids, "mask": mask, "weights": weights}
+
+    class MeanLoss(Task):  # sum over examples of each example's mean loss: kronfluence's per-sample gradient is ours
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["ids"], attention_mask=batch["mask"]).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["ids"][:, 1:], reduction="none")
+            w = batch["weights"][:, 1:]
+            return ((nll * w).sum(1) / w.sum(1)).sum()
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return [name for name, _ in computer.modules]
+
+        def get_attention_mask(self, batch):
+            return batch["mask"]
+
+    f64 = torch.float64
+    task = MeanLoss()
+    analyzer = Analyzer("xcheck", prepare_model(loaded.model, task), task, cpu=True, disable_tqdm=True,
+                        output_dir=str(tmp_path))
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate))
+    analyzer.fit_all_factors("ekfac", data, per_device_batch_size=4, factor_args=FactorArguments(
+        strategy="ekfac", use_empirical_fisher=True, activation_covariance_dtype=f64, gradient_covariance_dtype=f64,
+        eigendecomposition_dtype=f64, per_sample_gradient_dtype=f64, lambda_dtype=f64))
+    analyzer.compute_pairwise_scores("scores", "ekfac", data[:3], data, per_device_query_batch_size=1,
+                                     per_device_train_batch_size=4, score_args=ScoreArguments(
+                                         damping_factor=None, per_sample_gradient_dtype=f64, precondition_dtype=f64,
+                                         score_dtype=f64))
+    theirs = analyzer.load_pairwise_scores("scores")["all_modules"].double()  # [3 queries, rows]
+
+    pre, _ = fits["ekfac"]
+    raw = computer.config.model_copy(update={"normalize": False})
+    queries = GradientComputer(loaded, raw, preconditioner=pre).gradients(items[:3])
+    rows = GradientComputer(loaded, raw).gradients(items)
+    ours = queries @ rows.T
+    # ours and theirs differ only by rounding: each H^-1 v is within cond(H) * n * u of exact, amplified where the
+    # covariances' eigenvectors are sensitive: by |delta C| / gap <= tokens * u * |C| / (smallest eigen gap) each
+    tokens = sum(len(it.input_ids) for it in items)
+    sensitivity = 0.0
+    for m in range(len(computer.layout)):
+        for cov in (torch.cat([x[m] for x, _, _ in loops]), torch.cat([g[m] for _, g, _ in loops])):
+            values = torch.linalg.eigvalsh(cov.T @ cov)
+            gap = float((values[1:] - values[:-1]).min())
+            sensitivity = max(sensitivity, tokens * U * float(values[-1]) / gap)
+    lam = [f["eigenvalues"] for f in pre.factors]
+    cond = max(float((v.max() + d) / (v.min() + d)) for v, d in zip(lam, pre.damping, strict=True))
+    n = max(o * i for _, (o, i) in computer.layout)
+    scale = queries.norm(dim=1)[:, None] * rows.norm(dim=1)[None, :]
+    bound = 16 * cond * (n * U + sensitivity) * scale
+    assert (ours - theirs).abs().le(bound).all(), float(((ours - theirs).abs() / scale).max())
+    assert float(ours.abs().max()) > 1e3 * float(bound.max())  # the check is much tighter than the scores
