@@ -128,6 +128,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--peers", action="store_true",
                    help="also score with kronfluence EK-FAC and diagonal (needs `make bench-peers`, "
                    "PYTHONPATH=.rapidin/peers); runs last")
+    p.add_argument("--peer-strategies", nargs="+", default=["ekfac", "diagonal"], choices=["ekfac", "diagonal"],
+                   help="kronfluence strategies run by --peers (each: its fit plus one scoring pass over the rows)")
     p.add_argument("--sketch-methods", nargs="+", default=["rapidgrad"], choices=["rapidgrad", "kronecker"],
                    help="sketches cached at each K (kronecker: LoGra-style per-layer projection)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per gradient batch")

@@ -327,13 +327,13 @@ class MeasureStages:
         analyzer = Analyzer("howdy", prepare_model(loaded.model, task), task, cpu=True, output_dir=str(out_dir))
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate_fn(loaded.tokenizer.pad_token_id or 0)))
         scores, cost = {}, {}
-        for strategy in ("ekfac", "diagonal"):
+        for strategy in self.args.peer_strategies:
             wall, cpu = time.perf_counter(), time.process_time()
             analyzer.fit_all_factors(strategy, train, per_device_batch_size=self.args.batch_size,
                                      factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
             fit = (time.perf_counter() - wall, time.process_time() - cpu)
             analyzer.compute_pairwise_scores(f"scores_{strategy}", strategy, queries, train,
-                                             per_device_query_batch_size=1,
+                                             per_device_query_batch_size=len(queries),  # one pass over the rows
                                              per_device_train_batch_size=self.args.batch_size,
                                              score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
             total = (time.perf_counter() - wall, time.process_time() - cpu)

@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 
 from rapidin.config import BuildConfig, GradientConfig, SketchConfig, default_of, field_of
 from rapidin.data import DataFormat
+from rapidin.precondition import read_record
+from rapidin.store import CacheStore
 from tasks.cache import (cache_shard_group, finalize_cache_task, fit_preconditioners_task, plan_cache_task, read_reports,
                          remove_dir, scratch_url)
 from tasks.common import CacheJob, Executor, ModelSpec, ShardGroup, form_help, settings, split_groups
@@ -73,11 +75,13 @@ def cache_gradients(
         logger.info("cache %s is already complete; nothing to build", cache_url)
         if resolved.registry and not resolved.checkpoint and in_default_store(cache_url, s):
             tag_model_version_task(resolved.registry.name, resolved.registry.version, cache_url, manifest.cache_id)
-        if preconditioners:  # an existing cache gains the preconditioners it lacks, in a run of their own
+        missing = [k for k in preconditioners if read_record(CacheStore(cache_url, s.storage_options(cache_url)),
+                                                             manifest, k) is None]
+        if missing:  # an existing cache gains the preconditioners it lacks, in a run of their own
             run = start_run_task("cache", f"fit preconditioners {name} v{version}", {"model_uri": public_uri(model.uri)},
                                  {"model_uri": public_uri(model.uri), "cache_url": public_uri(cache_url)})
             try:
-                log_preconditioners_task(run, fit_preconditioners_task(job, preconditioners))
+                log_preconditioners_task(run, fit_preconditioners_task(job, missing), manifest, cache_url)
             except Exception as exc:
                 fail_run_task(run, exc)
                 raise

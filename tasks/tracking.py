@@ -300,11 +300,12 @@ def log_cache_run(run: dict[str, str], manifest: Manifest, model: ResolvedModel,
 
 
 @task(name="log-preconditioners", **IO_RETRIES, cache_policy=NO_CACHE)
-def log_preconditioners_task(run: dict[str, str], records: list[PreconditionerRecord]) -> None:
-    """Complete the run of a fit on an already complete cache: the fit's seconds and sizes."""
+def log_preconditioners_task(run: dict[str, str], records: list[PreconditionerRecord], manifest: Manifest,
+                             cache_url: str) -> None:
+    """Complete the run of a fit on an already complete cache: the cache's tags, the fit's seconds and sizes."""
     client = mlflow_client(settings())
     _log(client, run["run_id"], {"preconditioners": ",".join(r.kind for r in records)},
-         preconditioner_metrics(records))
+         preconditioner_metrics(records), common_tags(manifest, "cache") | {"cache_url": public_uri(cache_url)})
     client.set_terminated(run["run_id"], "FINISHED")
 
 

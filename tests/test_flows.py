@@ -435,6 +435,39 @@ def test_checkpoints_are_kept_cached_and_summed(world: World) -> None:
     assert run.info.status == "FINISHED"
 
 
+def test_preconditioner_fit_is_a_cache_flow_step(world: World) -> None:
+    """An already complete cache gains a preconditioner through the cache flow, in an MLflow run of its own with the
+    fit's seconds and bytes; a second request fits nothing; the attribute flow scores with it and records it."""
+    from flows.attribute import attribute
+    from flows.cache import cache_gradients
+    from rapidin.attribution import Generation
+    from rapidin.config import AttributeConfig
+    from rapidin.precondition import read_record
+    from rapidin.store import CacheStore
+    from tasks.common import ModelSpec
+
+    model = ModelSpec(uri="models:/tiny/1")
+    before = len(runs("cache", model_name="tiny", model_version="1"))
+    summary = cache_gradients(model=model, data_url=world.snapshot.url, shard_rows=8, preconditioners=["diagonal"])
+    assert not summary.built
+    (run,) = [r for r in runs("cache", model_name="tiny", model_version="1")
+              if "preconditioner_diagonal_seconds" in r.data.metrics]
+    assert run.info.status == "FINISHED" and run.data.metrics["preconditioner_diagonal_bytes"] > 0
+    store = CacheStore(summary.cache_url)
+    record = read_record(store, store.read_manifest(), "diagonal")
+    assert record.rows == world.snapshot.rows and record.bytes == run.data.metrics["preconditioner_diagonal_bytes"]
+    cache_gradients(model=model, data_url=world.snapshot.url, shard_rows=8, preconditioners=["diagonal"])
+    assert read_record(store, store.read_manifest(), "diagonal") == record  # intact: not fitted again
+    assert len(runs("cache", model_name="tiny", model_version="1")) == before + 1  # no run for nothing to fit
+
+    gens = [Generation(prompt=QUERY)]
+    plain = attribute(model=model, generations=gens, config=AttributeConfig(top_k=3))
+    pre = attribute(model=model, generations=gens, config=AttributeConfig(top_k=3, preconditioner="diagonal"))
+    assert pre.preconditioner == "diagonal" and plain.preconditioner == "none"
+    assert [h.score for h in pre.generations[0].influential] != [h.score for h in plain.generations[0].influential]
+    assert any(r.data.params.get("preconditioner") == "diagonal" for r in runs("attribution"))
+
+
 def test_store_and_data_on_seaweedfs(world: World, seaweed_s3, monkeypatch: pytest.MonkeyPatch) -> None:
     """Snapshot, cache and scan on a real S3 endpoint give the local store's numbers; the real keys stay out of MLflow."""
     from flows.attribute import attribute
