@@ -95,18 +95,39 @@ def fit_preconditioners(
     kinds = list(dict.fromkeys(kinds))
     t0 = time.perf_counter()
     batches = length_batches(items, computer.config.batch_size)
-    n_layers = len(computer.layout)
-    second: list[torch.Tensor | None] = [None] * n_layers
-    cov_a: list[torch.Tensor | None] = [None] * n_layers
-    cov_g: list[torch.Tensor | None] = [None] * n_layers
+    second, cov_a, cov_g, tokens = _first_pass(computer, items, batches, kinds, progress, on_gradients)
+    info = {"rows": len(items), "tokens": tokens, "seconds": time.perf_counter() - t0}
+    fitted: dict[FittedKind, tuple[Preconditioner, dict]] = {}
+    if "diagonal" in kinds:
+        moments = [s / len(items) for s in second]
+        fitted["diagonal"] = (Preconditioner("diagonal", computer.layout, [{"second_moment": s} for s in moments],
+                                             [DAMPING_SCALE * float(s.mean()) for s in moments]), info)
+    if "ekfac" in kinds:
+        bases = [(_eigenvectors(a), _eigenvectors(g)) for a, g in zip(cov_a, cov_g, strict=True)]
+        lams = _corrected_eigenvalues(computer, items, batches, bases, progress)
+        factors = [{"qa": qa, "qg": qg, "eigenvalues": lam} for (qa, qg), lam in zip(bases, lams, strict=True)]
+        fitted["ekfac"] = (Preconditioner("ekfac", computer.layout, factors,
+                                          [DAMPING_SCALE * float(lam.mean()) for lam in lams]),
+                           {**info, "seconds": time.perf_counter() - t0})
+    return fitted
+
+
+def _first_pass(computer: GradientComputer, items: Sequence, batches: list[list[int]], kinds: list[str],
+                progress: bool, on_gradients) -> tuple[list, list, list, int]:
+    """Per layer: the summed squared per-example gradients (diagonal) and the summed token covariances of inputs
+    and output gradients (ekfac); and the number of tokens."""
+    n = len(computer.layout)
+    second: list = [None] * n
+    cov_a: list = [None] * n
+    cov_g: list = [None] * n
     tokens = 0
     with tqdm(total=len(items), desc="fitting preconditioner (pass 1)", unit="ex", disable=not progress) as bar:
         for batch in batches:
             inputs, grads_out, mask = computer.layer_signals([items[i] for i in batch])
             valid = mask.bool()
             tokens += int(valid.sum())
-            layers = [per_example_gradients(x, g) for x, g in zip(inputs, grads_out, strict=True)] \
-                if "diagonal" in kinds or on_gradients else []
+            layers = ([per_example_gradients(x, g) for x, g in zip(inputs, grads_out, strict=True)]
+                      if "diagonal" in kinds or on_gradients else [])
             if on_gradients:
                 on_gradients(batch, layers)
             for m, (x, g) in enumerate(zip(inputs, grads_out, strict=True)):
@@ -116,31 +137,22 @@ def fit_preconditioners(
                     xs, gs = _float(x[valid]), _float(g[valid])
                     cov_a[m], cov_g[m] = _add(cov_a[m], xs.T @ xs), _add(cov_g[m], gs.T @ gs)
             bar.update(len(batch))
-    rows = len(items)
-    pass_one = time.perf_counter() - t0
-    fitted: dict[FittedKind, tuple[Preconditioner, dict]] = {}
-    if "diagonal" in kinds:
-        moments = [s / rows for s in second]
-        fitted["diagonal"] = (Preconditioner("diagonal", computer.layout, [{"second_moment": s} for s in moments],
-                                             [DAMPING_SCALE * float(s.mean()) for s in moments]),
-                              {"rows": rows, "tokens": tokens, "seconds": pass_one})
-    if "ekfac" in kinds:
-        bases = [(_eigenvectors(a), _eigenvectors(g)) for a, g in zip(cov_a, cov_g, strict=True)]
-        eigen: list[torch.Tensor | None] = [None] * n_layers
-        with tqdm(total=rows, desc="fitting preconditioner (pass 2)", unit="ex", disable=not progress) as bar:
-            for batch in batches:
-                inputs, grads_out, _ = computer.layer_signals([items[i] for i in batch])
-                for m, (x, g) in enumerate(zip(inputs, grads_out, strict=True)):
-                    qa, qg = (q.to(x.device) for q in bases[m])
-                    rotated = qg.T @ per_example_gradients(x, g).to(qa.dtype) @ qa
-                    eigen[m] = _add(eigen[m], rotated.square().sum(0))
-                bar.update(len(batch))
-        lams = [e / rows for e in eigen]
-        factors = [{"qa": qa, "qg": qg, "eigenvalues": lam} for (qa, qg), lam in zip(bases, lams, strict=True)]
-        fitted["ekfac"] = (Preconditioner("ekfac", computer.layout, factors,
-                                          [DAMPING_SCALE * float(lam.mean()) for lam in lams]),
-                           {"rows": rows, "tokens": tokens, "seconds": time.perf_counter() - t0})
-    return fitted
+    return second, cov_a, cov_g, tokens
+
+
+def _corrected_eigenvalues(computer: GradientComputer, items: Sequence, batches: list[list[int]],
+                           bases: list[tuple[torch.Tensor, torch.Tensor]], progress: bool) -> list[torch.Tensor]:
+    """EK-FAC's second pass: Lambda = mean_n (Q_G^T dW_n Q_A)^2 per layer."""
+    total: list = [None] * len(bases)
+    with tqdm(total=len(items), desc="fitting preconditioner (pass 2)", unit="ex", disable=not progress) as bar:
+        for batch in batches:
+            inputs, grads_out, _ = computer.layer_signals([items[i] for i in batch])
+            for m, (x, g) in enumerate(zip(inputs, grads_out, strict=True)):
+                qa, qg = (q.to(x.device) for q in bases[m])
+                rotated = qg.T @ per_example_gradients(x, g).to(qa.dtype) @ qa
+                total[m] = _add(total[m], rotated.square().sum(0))
+            bar.update(len(batch))
+    return [t / len(items) for t in total]
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
