@@ -66,5 +66,6 @@ def train(base: ModelSpec, data_url: str, config: FinetuneConfig, device: str, o
                              for e in config.keep_checkpoints}
     layout["final_lr"] = rates[max(rates)]
     (out / LAYOUT_FILE).write_text(json.dumps(layout))
-    return {"checkpoints": sorted(layout["checkpoints"]), "rows": len(examples), "format": fmt, "dataset_fingerprint": dataset_fingerprint(examples, fmt),
+    return {"checkpoints": list(layout["checkpoints"]), "rows": len(examples), "format": fmt,
+            "dataset_fingerprint": dataset_fingerprint(examples, fmt),
             "seconds_load": t1 - t0, "seconds_train": t2 - t1}
