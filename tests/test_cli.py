@@ -155,7 +155,7 @@ def test_random_checkpoint_weights(value, repeat, tmp_path_factory, capsys):
     model is the error); anything else is one line naming the option. Exit 2 either way, nothing written."""
     store = tmp_path_factory.mktemp("store")
     argv = [a.replace("MODEL", "/nonexistent/model").replace("STORE", store.as_uri()) for a in ATTRIBUTE]
-    argv += ["--checkpoint", "/nonexistent/ckpt", "--checkpoint-weight", str(value)]
+    argv += ["--checkpoint", "/nonexistent/ckpt", f"--checkpoint-weight={value}"]  # "=": a value may start with "-"
     argv += ["--checkpoint-weight", "1"] * (repeat - 1)
     code, _, err = run(argv, "", "", store, capsys)
     line = one_line(err)

@@ -153,6 +153,7 @@ def test_attribute_form_fields_all_described_and_never_null():
                 walk(defs[ref.split("/")[-1]]["properties"], f"{path}{name}.")
 
     walk(schema["properties"], "")
-    assert list(schema["properties"]) == ["model", "generations", "config", "advanced"]
+    assert list(schema["properties"]) == ["model", "generations", "config", "checkpoints", "checkpoint_weights",
+                                          "advanced"]
     assert {"model.uri", "generations.prompt", "generations.response", "config.paper_scoring", "advanced.executor",
             "advanced.cache_url"} <= set(seen)

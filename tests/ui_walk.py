@@ -176,8 +176,14 @@ def failed_attribution(page, dep: dict, model_uri: str, out: Path, client, exper
     body = {"parameters": {"model": {"uri": wrong}, "generations": [{"prompt": PROMPT}]}}
     run_id = httpx.post(f"{prefect_api()}/deployments/{dep['id']}/create_flow_run", json=body, timeout=30).json()["id"]
     run = wait_for_run(run_id)
-    logs = httpx.post(f"{prefect_api()}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}},
-                      timeout=30).json()
+    # the worker's process ships its log lines in batches, possibly after the run's final state: wait for them
+    deadline = time.monotonic() + 60
+    while True:
+        logs = httpx.post(f"{prefect_api()}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}},
+                          timeout=30).json()
+        if any(entry["level"] >= 40 for entry in logs) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     (mlrun,) = client.search_runs([experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{run_id}'")
     page.goto(f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{mlrun.info.run_id}?workflowType=machine_learning",
               wait_until="load")
