@@ -64,20 +64,27 @@ class Preconditioner:
         self.layout = [(name, tuple(shape)) for name, shape in layout]
         self.factors = factors
         self.damping = damping
+        self._moved: dict[tuple, list[dict[str, torch.Tensor]]] = {}
 
     def apply(self, layers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H^-1 applied to each layer's gradients [B, o, i] (the layout's order)."""
         if len(layers) != len(self.factors):
             raise CacheError(f"{self.kind} preconditioner: fitted on {len(self.factors)} layers, got {len(layers)}")
         out = []
-        for v, factors, damping in zip(layers, self.factors, self.damping, strict=True):
-            f = {name: t.to(v.device, v.dtype) for name, t in factors.items()}
+        for v, f, damping in zip(layers, self._on(layers[0].device, layers[0].dtype), self.damping, strict=True):
             if self.kind == "diagonal":
                 out.append(v / (f["second_moment"] + damping))
             else:
                 rotated = f["qg"].T @ v @ f["qa"]
                 out.append(f["qg"] @ (rotated / (f["eigenvalues"] + damping)) @ f["qa"].T)
         return out
+
+    def _on(self, device: torch.device, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+        """The factors on this device and dtype, moved once (not for every query: EK-FAC's can be ~1 GB)."""
+        key = (device, dtype)
+        if key not in self._moved:
+            self._moved = {key: [{n: t.to(device, dtype) for n, t in f.items()} for f in self.factors]}
+        return self._moved[key]
 
     def to_bytes(self) -> bytes:
         tensors = {f"{m}.{name}": t.contiguous().cpu() for m, factors in enumerate(self.factors)
@@ -227,14 +234,10 @@ def ensure_preconditioners(store: CacheStore, manifest: Manifest, computer: Grad
                            kinds: Sequence[FittedKind], progress: bool = True) -> list[PreconditionerRecord]:
     """Fit and save the kinds this cache lacks (or holds corrupted); intact ones are kept. Returns every kind's
     record."""
-    kinds = list(dict.fromkeys(kinds))
-    missing = []
-    for kind in kinds:
-        record = read_record(store, manifest, kind)
-        if record is None or _intact_bytes(store, record) is None:
-            missing.append(kind)
+    records = {kind: read_record(store, manifest, kind) for kind in dict.fromkeys(kinds)}
+    missing = [kind for kind, r in records.items() if r is None or _intact_bytes(store, r) is None]
     if missing:
         rows = [it for it in items if it is not None]
         for fitted, info in fit_preconditioners(computer, rows, missing, progress).values():
-            save_preconditioner(store, manifest, fitted, info)
-    return [read_record(store, manifest, kind) for kind in kinds]
+            records[fitted.kind] = save_preconditioner(store, manifest, fitted, info)
+    return list(records.values())
