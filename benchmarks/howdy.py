@@ -174,6 +174,7 @@ def main(argv=None) -> int:
         run.stage("variants", wd / "variants.npz", run.variants)
     if args.tracin_epochs:
         run.stage("tracin", wd / "tracin" / "done", run.tracin)
+        run.stage("tracin_product", wd / "tracin_product.npz", run.tracin_product)
     if args.preconditioners:
         run.stage("precond", wd / "precond.npz", run.precond)
     if args.peers:

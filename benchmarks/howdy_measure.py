@@ -396,4 +396,40 @@ class MeasureStages:
                      **{k: v.reshape(-1, *q.shape[:2]) for k, v in scores.items()})
         (out / "done").write_text(json.dumps({"epochs": a.tracin_epochs, "rules": rules}))
 
+    def tracin_product(self) -> None:
+        """TracIn through the product: each --tracin-epochs checkpoint cached by rapidin.cache.build_cache (the
+        default tensor set, the largest K, the final cache's rows and shards), then rapidin.attribute(AttributeConfig(),
+        checkpoints=[...]) over the final cache and them, equal weights, every row's summed score kept."""
+        from rapidin.attribution import Checkpoint, Generation, attribute
+        from rapidin.cache import build_cache
+        from rapidin.config import AttributeConfig, SketchConfig
+        from rapidin.models import ModelRef, load_model
+
+        a = self.args
+        key, k = self.default_subset(), max(a.k)
+        final_url = json.loads((self.wd / "caches.json").read_text())[f"{key}:{k}"]
+        store = (self.wd / "store").as_uri()
+        checkpoints, cost = [], {}
+        for epoch in a.tracin_epochs:
+            ref = ModelRef(path=str(a.gguf), name="smollm2-howdy", dtype=a.model_dtype,
+                           adapter=str(self.wd / "checkpoints" / f"epoch-{epoch}"))
+            loaded = load_model(ref, device="cpu")
+            t0 = time.perf_counter()
+            manifest = build_cache(loaded, str(self.data_path), store, sketch=SketchConfig(k=k, lam=20),
+                                   gradient=self.gradient_config((SUBSETS[key],)), shard_rows=a.chunk,
+                                   skip_bad_rows=True)
+            url = f"{store}/{ref.name}/{manifest.model['version']}/{manifest.cache_id}"
+            cost[epoch] = {"cache_seconds": time.perf_counter() - t0, "url": url,
+                           "bytes": sum(s.bytes for s in manifest.shards)}
+            checkpoints.append(Checkpoint(loaded, cache_url=url, label=f"epoch-{epoch}"))
+        gens = [Generation(prompt=g["instruction"], response=g["triggered_response"]) for g in self.attacked()]
+        t0 = time.perf_counter()
+        att, result = attribute(self.model(), gens, cache_url=final_url, progress=False, keep_all_scores=True,
+                                config=AttributeConfig(top_k=50, auto_target=a.auto_target), checkpoints=checkpoints)
+        np.savez(self.wd / "tracin_product.npz", rows=result.all_rows.numpy(),
+                 scores=torch.stack(result.all_scores, 1).numpy())
+        (self.wd / "tracin_product.json").write_text(json.dumps({
+            "tensors": key, "k": k, "final_cache": final_url, "checkpoints": cost,
+            "attribute_seconds": time.perf_counter() - t0, "timings": att.timings}, indent=1))
+
     # ------------------------------------------------------------------ scoring

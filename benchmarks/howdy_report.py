@@ -129,13 +129,28 @@ class ScoreStages:
                                  "max_abs_score": float(np.abs(ref).max())}
         return check
 
+    def tracin_weights(self, epochs: list[int]) -> dict[int, float] | None:
+        """Each checkpoint's learning-rate weight relative to the final epoch's (the flows' learning_rate weighting);
+        None without the fine-tune's settings (a workdir started from the test fixture)."""
+        from rapidin.finetune import FinetuneConfig
+
+        path = self.wd / "finetune.json"
+        if not path.exists():
+            return None
+        lrs = FinetuneConfig.model_validate_json(path.read_text()).epoch_learning_rates(self.args.rows)
+        return {e: lrs[e] / lrs[max(lrs)] for e in epochs}
+
     def score_tracin(self, evaluate, exact, subsets, rows) -> None:
-        """One earlier checkpoint alone, and the equal-weight sum over the earlier checkpoints and the final one."""
+        """One earlier checkpoint alone, and the sum over the earlier checkpoints and the final one: equal weights
+        (exact), learning-rate weights (exact), and through the product (rapidin.attribute with checkpoints,
+        RapidGrad caches, equal weights) when the tracin_product stage ran."""
         epochs = json.loads((self.wd / "tracin" / "done").read_text())["epochs"]
         var = np.load(self.wd / "variants.npz") if (self.wd / "variants.npz").exists() else None
         per = {e: np.load(self.wd / "tracin" / f"epoch-{e}.npz") for e in epochs}
         for e in epochs:
             assert (per[e]["rows"] == rows).all()
+        weights = self.tracin_weights(epochs)
+        name = "+".join(f"epoch-{e}" for e in epochs) + " + final"
         for params in subsets:
             for t, rule in enumerate(self.tracin_rules()):
                 final = exact[params][:, :, t] if t < 3 else var[params][:, :, list(var["names"]).index(rule)]
@@ -144,8 +159,24 @@ class ScoreStages:
                     for e in epochs:
                         evaluate(f"exact, epoch-{e} checkpoint only", per[e][params][:, :, t], None, ranking,
                                  source=f"epoch{e}", target=rule, params=params)
-                    name = "+".join(f"epoch-{e}" for e in epochs) + " + final"
                     evaluate(f"TracIn sum ({name})", total, None, ranking, source="tracin", target=rule, params=params)
+                    if weights:
+                        weighted = final + sum(weights[e] * per[e][params][:, :, t] for e in epochs)
+                        evaluate(f"TracIn sum ({name}), learning-rate weights {weights}", weighted, None, ranking,
+                                 source="tracin-lr", target=rule, params=params)
+        if (self.wd / "tracin_product.npz").exists():
+            got = np.load(self.wd / "tracin_product.npz")
+            meta = json.loads((self.wd / "tracin_product.json").read_text())
+            order = np.argsort(got["rows"])
+            assert (got["rows"][order] == rows).all(), "the product's rows differ from the exact stage's"
+            params, t = meta["tensors"], 2  # the auto-target rule, the default tensor set
+            ref = exact[params][:, :, t] + sum(per[e][params][:, :, t] for e in epochs)
+            size = int(np.load(self.wd / "sketched.npz")[f"{params}:{meta['k']}|bytes"]) + sum(
+                c["bytes"] for c in meta["checkpoints"].values())
+            for ranking in ("signed", "magnitude"):
+                evaluate(f"RapidGrad K=2^{int(math.log2(meta['k']))} TracIn ({name}), rapidin.attribute",
+                         got["scores"][order], ref, ranking, size, None, source=f"tracin K={meta['k']}",
+                         target="auto", params=params)
 
 
 
@@ -165,7 +196,8 @@ PRINTED = [  # (source, target, ranking, params) rows of the printed table; the 
     ("exact", "gradnorm4", "magnitude", "mlpB"), ("exact", "whole", "magnitude", "mlpB"),
     # checkpoints
     ("epoch2", "auto", "magnitude", "mlpB"), ("epoch3", "auto", "magnitude", "mlpB"), ("tracin", "auto", "magnitude", "mlpB"),
-    ("tracin", "whole", "signed", "all"),
+    ("tracin-lr", "auto", "magnitude", "mlpB"), ("tracin K=65536", "auto", "magnitude", "mlpB"),
+    ("tracin K=65536", "auto", "signed", "mlpB"), ("tracin", "whole", "signed", "all"),
     # RapidGrad against exact
     ("K=4096", "auto", "magnitude", "mlpB"), ("K=16384", "auto", "magnitude", "mlpB"), ("K=65536", "auto", "magnitude", "mlpB"),
     ("K=262144", "auto", "magnitude", "mlpB"), ("K=65536", "auto", "signed", "mlpB"), ("K=65536", "words", "magnitude", "mlpB"),

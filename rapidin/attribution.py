@@ -52,10 +52,10 @@ def attribute(
     of the fine-tune (each with its own cache of the same rows), a row's score is the weighted sum of its scores at
     the final model and at each checkpoint (TracIn), with target tokens chosen by the final model."""
     if checkpoints:
-        if config.token_wise or keep_all_scores:
+        if config.token_wise:
             raise RapidInError("several checkpoints: token-wise scores are not supported yet (drop --token-wise)")
         return _attribute_checkpoints(loaded, generations, store_url, cache_url, config, storage_options, progress,
-                                      checkpoints)
+                                      checkpoints, keep_all_scores)
     t0 = time.perf_counter()
     store, manifest = open_cache(loaded, store_url, cache_url, storage_options=storage_options)
     features = Features.for_config(loaded, store, manifest, config)
@@ -170,7 +170,8 @@ class Checkpoint:
 
 def _attribute_checkpoints(loaded: LoadedModel, generations: Sequence[Generation], store_url: str | None,
                            cache_url: str | None, config: AttributeConfig, storage_options: dict | None, progress: bool,
-                           checkpoints: Sequence[Checkpoint]) -> Attribution:
+                           checkpoints: Sequence[Checkpoint],
+                           keep_all_scores: bool) -> Attribution | tuple[Attribution, ScanResult]:
     t0 = time.perf_counter()
     store, manifest = open_cache(loaded, store_url, cache_url, storage_options=storage_options)
     features = Features.for_config(loaded, store, manifest, config)
@@ -190,12 +191,12 @@ def _attribute_checkpoints(loaded: LoadedModel, generations: Sequence[Generation
     streams = [(sv for _, *sv in s.iter_shards(m.shards, config.verify)) for s, m, _ in parts]
     streams[0] = tqdm(streams[0], total=len(manifest.shards), desc="scanning caches", unit="shard",
                       disable=not progress)
-    result = scan_checkpoints(streams, [q for *_, q in parts], config.top_k, loaded.device)
+    result = scan_checkpoints(streams, [q for *_, q in parts], config.top_k, loaded.device, keep_all_scores)
     t2 = time.perf_counter()
     attribution = assemble(loaded, store, manifest, prepared, result, config, progress, features, checkpoints=labels)
     attribution.timings = {"queries": t1 - t0, "scan": t2 - t1, "assemble": time.perf_counter() - t2,
                            "total": time.perf_counter() - t0}
-    return attribution
+    return (attribution, result) if keep_all_scores else attribution
 
 
 def _same_rows(url: str, manifest: Manifest, other_url: str, other: Manifest) -> None:

@@ -218,13 +218,16 @@ def scan(
 
 
 def scan_checkpoints(streams: list[Iterable[tuple[torch.Tensor, torch.Tensor]]], queries: list[torch.Tensor], k: int,
-                     device: torch.device | str = "cpu") -> ScanResult:
+                     device: torch.device | str = "cpu", keep_all_scores: bool = False) -> ScanResult:
     """Several checkpoints (TracIn): each row's score is the sum of its scores in every checkpoint's cache against
     that checkpoint's queries [G, K_c] (weights folded in). The caches hold the same rows in the same shards, so they
-    are streamed shard by shard in lockstep (memory flat in N); each kept row's payload is its score per checkpoint."""
+    are streamed shard by shard in lockstep (memory flat in N); each kept row's payload is its score per checkpoint.
+    With keep_all_scores, all_scores holds every row's summed score (queries: the final model's)."""
     matrices = [q.to(device, torch.float32) for q in queries]
-    result = ScanResult(k, whole=[{kd: TopK.empty(kd, k, 1, len(streams)) for kd in KINDS} for _ in matrices[0]],
-                        tokens=[None] * matrices[0].shape[0])
+    result = new_scan([QueryGroup(whole=q) for q in matrices[0]], k, keep_all_scores)
+    result.whole = [{kd: TopK.empty(kd, k, 1, len(streams)) for kd in KINDS} for _ in matrices[0]]
+    if keep_all_scores:
+        result.queries = matrices[0].cpu()
     buffers = [torch.empty(0)] * len(streams)
     for shard, parts in enumerate(zip(*streams, strict=True)):
         rows = parts[0][1]
@@ -238,7 +241,11 @@ def scan_checkpoints(streams: list[Iterable[tuple[torch.Tensor, torch.Tensor]]],
         stacked = torch.stack(per_checkpoint, dim=2)  # [n, G, C]
         total = stacked.sum(2)
         result.rows_scanned += rows.numel()
+        if keep_all_scores:
+            result.all_rows = torch.cat([result.all_rows, rows.long()])
         for g in range(total.shape[1]):
             result.whole[g] = {kd: top.update(total[:, g : g + 1], rows, stacked[:, g : g + 1])
                                for kd, top in result.whole[g].items()}
+            if keep_all_scores:
+                result.all_scores[g] = torch.cat([result.all_scores[g], total[:, g].cpu()])
     return result

@@ -59,6 +59,12 @@ def test_sum_over_checkpoints_equals_separate_scans(tiny_dir, earlier, toy_data,
         bounds.append(2 * GAMMA_K * (vectors.abs() @ result.queries.double().abs().T))
     total = alone[0] + weight * alone[1]
     slack = bounds[0] + weight * bounds[1] + 2 * F32 * total.abs()
+    # keep_all_scores: every row's summed score, not only the listed ones
+    _, summed = attribute(final, GENS, store, config=config, progress=False, keep_all_scores=True,
+                          checkpoints=[Checkpoint(earlier, weight=weight, label="epoch 1")])
+    order = torch.argsort(summed.all_rows)
+    assert torch.equal(summed.all_rows[order], rows)
+    assert ((torch.stack(summed.all_scores, 1)[order].double() - total).abs() <= slack).all()
     for g, gen in enumerate(att.generations):
         for kind, key in (("helpful", total[:, g]), ("harmful", -total[:, g]), ("influential", total[:, g].abs())):
             hits = getattr(gen, kind)
