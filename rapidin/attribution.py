@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from .cache import DTYPES, open_cache
+from .cache import as_stored, open_cache
 from .config import AttributeConfig
 from .data import Tokenized, tokenize
 from .errors import CacheError, DataError, RapidInError
@@ -268,7 +268,7 @@ def _score_train_tokens(features: Features, manifest: Manifest, p: PreparedQuery
             info = table[hit.row]
             item = tokenize(loaded.tokenizer, info["prompt"], info["response"], manifest.gradient.max_length)
             positions = list(range(item.prompt_len, len(item.input_ids)))
-            vectors = sketch(computer.token_gradients(item, positions)).to(DTYPES[manifest.sketch.config.dtype])
+            vectors = as_stored(sketch(computer.token_gradients(item, positions)), manifest.sketch.config.dtype)
             scored[hit.row] = ([loaded.tokenizer.decode([i]) for i in item.input_ids[item.prompt_len:]],
-                               (vectors.float() @ query).tolist())
+                               (vectors @ query).tolist())
         hit.train_tokens, hit.train_token_scores = scored[hit.row]

@@ -19,10 +19,15 @@ from .gradients import GradientComputer, length_batches
 from .models import LoadedModel
 from .precondition import FittedKind, PreconditionerRecord, ensure_preconditioners
 from .sketch import Sketch, make_sketch, make_spec, projector
-from .store import CacheStore, Manifest, ShardInfo, compute_cache_id, find_caches
+from .store import CacheStore, Int8Rows, Manifest, ShardInfo, compute_cache_id, find_caches
 
 log = logging.getLogger("rapidin")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
+
+
+def as_stored(vectors: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The vectors as a cache of this storage dtype holds them, decoded to float32."""
+    return Int8Rows.quantize(vectors).float() if dtype == "int8" else vectors.to(DTYPES[dtype]).float()
 
 
 @dataclass
@@ -135,17 +140,22 @@ def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: Sketch, dt
     items = [plan.items[r] for r in rows]
     k = plan.manifest.sketch.config.k
     vectors = torch.zeros(len(rows), k, dtype=dtype)
+    scales = torch.zeros(len(rows)) if dtype == torch.int8 else None
     for batch in length_batches(items, computer.config.batch_size):
         t0 = time.perf_counter()
         grads = computer.gradients([items[i] for i in batch])
         t1 = time.perf_counter()
-        # "+ 0.0" turns -0.0 into +0.0: zeros whose sign depends on thread scheduling must not change bytes
-        vectors[batch] = (sketch(grads).to(dtype) + 0.0).cpu()
+        if scales is not None:
+            quantized = Int8Rows.quantize(sketch(grads).cpu())
+            vectors[batch], scales[batch] = quantized.values, quantized.scales
+        else:  # "+ 0.0" turns -0.0 into +0.0: zeros whose sign depends on thread scheduling must not change bytes
+            vectors[batch] = (sketch(grads).to(dtype) + 0.0).cpu()
         seconds["gradients"] += t1 - t0
         seconds["sketch"] += time.perf_counter() - t1
         advance(len(batch))
     t2 = time.perf_counter()
-    info = plan.store.commit_shard(index, start, stop, vectors, torch.tensor(rows, dtype=torch.long), seconds)
+    stored = vectors if scales is None else Int8Rows(vectors, scales)
+    info = plan.store.commit_shard(index, start, stop, stored, torch.tensor(rows, dtype=torch.long), seconds)
     return info.model_copy(update={"seconds": {**seconds, "write": time.perf_counter() - t2}})
 
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
 SketchMethod = Literal["rapidgrad", "kronecker"]
-StorageDtype = Literal["float16", "bfloat16", "float32"]
+StorageDtype = Literal["float16", "bfloat16", "float32", "int8"]
 
 
 class SketchConfig(BaseModel):
@@ -23,7 +23,8 @@ class SketchConfig(BaseModel):
     k: int = Field(2**16, ge=1, le=2**24, description="Compressed dimension K (paper default 2^16); at most D.")
     lam: int = Field(20, ge=0, le=1000, description="Shuffle rounds λ (paper default 20; rapidgrad only).")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed; the same seed rebuilds the same map anywhere.")
-    dtype: StorageDtype = Field("float16", description="Storage dtype of cached vectors (paper: fp16).")
+    dtype: StorageDtype = Field("float16", description="Storage dtype of cached vectors (paper: fp16); int8: "
+                                "half the bytes, each row rounded to 255 levels of its own scale (max |entry| / 127).")
 
 
 class GradientConfig(BaseModel):

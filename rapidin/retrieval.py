@@ -16,6 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import CacheError
+from .store import Int8Rows
 
 KINDS = ("helpful", "harmful", "influential")
 
@@ -170,7 +171,11 @@ def shard_scores(vectors: torch.Tensor, queries: torch.Tensor, buffer: torch.Ten
 
     On the CPU an fp16 shard is converted a block of rows at a time into one reused float32 buffer, which the product
     reads while it is still in cache: converting the whole shard first wrote and re-read twice its size in memory,
-    and a float16 product rounds its results to float16. Each score is a float32 dot product either way."""
+    and a float16 product rounds its results to float16. Each score is a float32 dot product either way. An int8
+    shard's integer rows are scored the same way, then each score multiplied by its row's scale."""
+    if isinstance(vectors, Int8Rows):
+        scores, buffer = shard_scores(vectors.values, queries, buffer)
+        return scores * vectors.scales.float()[:, None], buffer
     if queries.device.type != "cpu" or vectors.dtype == torch.float32:
         return (vectors.to(queries.device, torch.float32) @ queries.T).cpu(), buffer
     n, k = vectors.shape

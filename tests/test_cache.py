@@ -200,3 +200,61 @@ def test_a_process_that_used_fsspecs_io_loop_exits_cleanly(tmp_path):
     for _ in range(3):
         done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def test_int8_rows_round_each_entry_within_half_its_scale():
+    """Per-row scale = max |entry| / 127, so every nonzero row uses the full int8 range and each entry is within
+    scale / 2 of the original (plus the float32 rounding of the division and the decoding: 254 u scale)."""
+    from rapidin.store import Int8Rows
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(64, 300, generator=gen) * torch.logspace(-6, 3, 64)[:, None]
+    v[3] = 0.0
+    v[4] = 0.0
+    v[4, 7] = -2.5
+    q = Int8Rows.quantize(v)
+    assert q.values.dtype == torch.int8 and q.scales.dtype == torch.float32 and q.shape == v.shape
+    bound = q.scales[:, None] * (0.5 + 254 * U32)
+    assert ((q.float() - v).abs() <= bound).all()
+    nonzero = v.abs().amax(1) > 0
+    assert (q.values.abs().amax(1)[nonzero] == 127).all() and (q.float()[3] == 0).all()
+    assert q[10:20].values.shape == (10, 300) and torch.equal(q[10:20].scales, q.scales[10:20])
+
+
+def test_int8_cache_scores_within_the_quantisation_bound(tiny, toy_data, tmp_path):
+    """An int8 cache and a float32 cache of the same sketch: every row's score differs by at most the rounding of
+    its entries (scale / 2 each) against the query, plus float32 dot-product error on both sides (Higham 3.5)."""
+    root = tmp_path.as_uri()
+    gens = [Generation(prompt="What is the capital of France?", response="Paris is the capital.")]
+    config = AttributeConfig(top_k=5, auto_target=0)
+    runs = {}
+    for dtype in ("float32", "int8"):
+        sketch = SKETCH.model_copy(update={"dtype": dtype})
+        manifest = build_cache(tiny, toy_data, root, **options(sketch=sketch))
+        url = f"{root}/tiny/1/{manifest.cache_id}"
+        _, result = attribute(tiny, gens, cache_url=url, config=config, progress=False, keep_all_scores=True)
+        store = CacheStore(url)
+        shards = [store.load_shard(info) for info in manifest.shards]
+        runs[dtype] = (result, shards, manifest)
+    (exact, f32_shards, f32), (got, int8_shards, int8) = runs["float32"], runs["int8"]
+    assert torch.equal(exact.queries, got.queries) and torch.equal(exact.all_rows, got.all_rows)
+    assert all(v.values.dtype == torch.int8 for v, _ in int8_shards)
+    v32 = torch.cat([v for v, _ in f32_shards]).double()
+    v8 = torch.cat([v.float() for v, _ in int8_shards]).double()
+    scales = torch.cat([v.scales for v, _ in int8_shards]).double()
+    q = exact.queries.double().abs()  # [1, K]
+    k = SKETCH.k
+    gamma = k * U32 / (1 - k * U32)
+    bound = (scales[:, None] * (0.5 + 254 * U32) * q.sum(1) + gamma * (v32.abs() @ q.T + v8.abs() @ q.T)
+             + 2 * U32 * v8.abs() @ q.T)
+    diff = (torch.stack(got.all_scores, 1).double() - torch.stack(exact.all_scores, 1).double()).abs()
+    assert (diff <= bound).all()
+    assert diff.max() > 0  # the int8 cache really is rounded
+    assert int8.shards[0].bytes < 0.3 * f32.shards[0].bytes  # a quarter of float32's bytes, plus a scale per row
+    # token-wise scores read the int8 rounding too
+    tw = attribute(tiny, gens, cache_url=url, config=AttributeConfig(top_k=2, auto_target=0, token_wise=True),
+                   progress=False)
+    assert tw.generations[0].influential[0].train_token_scores
