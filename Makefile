@@ -10,10 +10,11 @@ export TRANSFORMERS_OFFLINE = 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 SMOLLM2 := .rapidin/models/SmolLM2-135M-Instruct.Q4_1.gguf
-# kronfluence (a peer: benchmarks and the EK-FAC cross-check test) beside the venv, without its declared dependencies:
-# torchvision would not import beside the CPU torch, and kronfluence never imports it
+# The peers (kronfluence: benchmarks and the EK-FAC cross-check test; EleutherAI bergson: benchmarks) beside the venv,
+# without their declared dependencies: torchvision, torchaudio, torchopt and bitsandbytes would not install beside the
+# CPU torch, and the parts used here never import them; their pure-Python dependencies are pinned below.
 PEERS_DIR := .rapidin/peers
-PEERS := $(PEERS_DIR)/kronfluence-1.0.1.dist-info
+PEERS := $(PEERS_DIR)/bergson-2.5.1.dist-info
 
 .PHONY: install lock browser smollm2 peers demo ui test test-fast clean
 install: $(STAMP)
@@ -53,7 +54,9 @@ $(SMOLLM2):
 peers: $(PEERS)
 $(PEERS): | $(STAMP)
 	.venv/bin/uv pip install -q --python .venv/bin/python --target $(PEERS_DIR) --no-deps kronfluence==1.0.1 \
-		einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0
+		einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0 bergson==2.5.1 datasets==5.2.0 jaxtyping==0.3.11 \
+		wadler-lindig==0.1.8 ml-dtypes==0.7.0 natsort==8.4.0 petname==2.9 simple-parsing==0.1.9 \
+		docstring-parser==0.18.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0
 
 # The whole story on the embedded defaults: Prefect's ephemeral API, MLflow on sqlite, local store.
 demo: install

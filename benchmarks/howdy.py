@@ -130,6 +130,12 @@ def parse(argv=None) -> argparse.Namespace:
                    "PYTHONPATH=.rapidin/peers); runs last")
     p.add_argument("--peer-strategies", nargs="+", default=["ekfac", "diagonal"], choices=["ekfac", "diagonal"],
                    help="kronfluence strategies run by --peers (each: its fit plus one scoring pass over the rows)")
+    p.add_argument("--int8", action="store_true",
+                   help="also store the default cache as int8 and compare its ranking and scan time with fp16")
+    p.add_argument("--bergson", action="store_true",
+                   help="also run EleutherAI bergson (needs `make peers` and PYTHONPATH=.rapidin/peers)")
+    p.add_argument("--bergson-dims", type=int, nargs="+", default=[16],
+                   help="bergson's per-module projection sizes (each module's gradient -> dim x dim)")
     p.add_argument("--sketch-methods", nargs="+", default=["rapidgrad"], choices=["rapidgrad", "kronecker"],
                    help="sketches cached at each K (kronecker: LoGra-style per-layer projection)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per gradient batch")
@@ -170,6 +176,8 @@ def main(argv=None) -> int:
     run.stage("grads", wd / "grads" / "done", run.grads)
     run.stage("exact", wd / "exact.npz", run.exact)
     run.stage("caches", wd / "sketched.npz", run.caches)
+    if args.int8:
+        run.stage("int8", wd / "int8.npz", run.int8)
     if args.extra_n:
         run.stage("variants", wd / "variants.npz", run.variants)
     if args.tracin_epochs:
@@ -179,6 +187,8 @@ def main(argv=None) -> int:
         run.stage("precond", wd / "precond.npz", run.precond)
     if args.peers:
         run.stage("peers", wd / "peers.npz", run.peers)
+    if args.bergson:
+        run.stage("bergson", wd / "bergson.npz", run.bergson)
     report = run.score()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

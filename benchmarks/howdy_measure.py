@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from howdy_common import SUBSETS, log, rule_gradients
@@ -19,12 +20,13 @@ from howdy_common import SUBSETS, log, rule_gradients
 class MeasureStages:
     """grads, exact, caches, variants, tracin (mixed into howdy.Run)."""
 
-    def plan(self, params: tuple[str, ...], k: int, method: str = "rapidgrad"):
+    def plan(self, params: tuple[str, ...], k: int, method: str = "rapidgrad", dtype: str = "float16"):
         from rapidin.cache import plan_cache
         from rapidin.config import SketchConfig
 
         return plan_cache(self.model(), str(self.data_path), (self.wd / "store").as_uri(),
-                          sketch=SketchConfig(method=method, k=k, lam=20), gradient=self.gradient_config(params),
+                          sketch=SketchConfig(method=method, k=k, lam=20, dtype=dtype),
+                          gradient=self.gradient_config(params),
                           shard_rows=self.args.chunk, skip_bad_rows=True)
 
     def grads(self) -> None:
@@ -147,6 +149,41 @@ class MeasureStages:
                                               for field in ("scores", "rows", "bytes", "sketch_seconds", "scan_seconds")})
         (self.wd / "caches.json").write_text(json.dumps({n: v["url"] for n, v in results.items()}, indent=2))
         self.check_attribute(results)
+
+    def int8(self) -> None:
+        """The default tensor set's largest-K cache stored as int8 (per-row scale) beside its fp16 twin, built from
+        the same stored gradients with the same sketch; every row scanned with the same queries; scan seconds of
+        both (best of 3, files in the page cache)."""
+        from rapidin.cache import finalize_cache
+        from rapidin.retrieval import QueryGroup, scan
+        from rapidin.sketch import make_sketch
+        from rapidin.quantize import Int8Rows
+
+        key, k = self.default_subset(), max(self.args.k)
+        b = self.columns()[key]
+        flat = self.query_vectors()
+        flat = flat.reshape(-1, flat.shape[-1])[:, b]
+        out = {}
+        for dtype in ("float16", "int8"):
+            plan = self.plan((SUBSETS[key],), k, dtype=dtype)
+            sketch = make_sketch(plan.manifest.sketch, plan.manifest.layout)
+            for c, grads, rows in tqdm(self.chunks(), desc=f"cache {key} K=2^{int(math.log2(k))} {dtype}", unit="chunk"):
+                if plan.store.committed_shard(c, plan.manifest.shard_range(c), verify=False) is None:
+                    v = sketch(grads[:, b])
+                    v = Int8Rows.quantize(v) if dtype == "int8" else (v.half() + 0.0)
+                    plan.store.commit_shard(c, *plan.manifest.shard_range(c), v, rows, {})
+            manifest = finalize_cache(plan) if not plan.manifest.complete else plan.manifest
+            groups = [QueryGroup(whole=v) for v in sketch(flat)]
+            seconds = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                result = scan((sv for _, *sv in plan.store.iter_shards(manifest.shards, False)), groups, 50, "cpu",
+                              keep_all_scores=True)
+                seconds.append(time.perf_counter() - t0)
+            out[dtype] = {"scores": torch.stack(result.all_scores, 1).numpy(), "rows": result.all_rows.numpy(),
+                          "bytes": sum(s.bytes for s in manifest.shards), "scan_seconds": min(seconds)}
+        np.savez(self.wd / "int8.npz", **{f"{d}|{f}": v[f] for d, v in out.items() for f in v})
+        (self.wd / "int8.json").write_text(json.dumps({"tensors": key, "k": k}))
 
     def default_subset(self) -> str | None:
         """The tensor set the library attributes by default for this adapter (GradientConfig())."""
@@ -346,6 +383,61 @@ class MeasureStages:
                               "total_cpu_seconds": total[1], "factor_bytes": factors}
         np.savez(self.wd / "peers.npz", **scores)
         (self.wd / "peers.json").write_text(json.dumps({"kronfluence": cost, "tensors": "mlpB"}, indent=2))
+
+    def bergson(self) -> None:
+        """EleutherAI bergson 2.5.1 (`make peers`) on the same model, rows, generations and loss restrictions (whole
+        response, the auto-target tokens), tracking the library's default tensors (MLP LoRA B): per-example gradients
+        from its hooks with its per-module random projection (--bergson-dims), scored raw and as cosine (its
+        unit_norm). Checked first: with no projection its gradients of the first rows equal rapidin's un-normalised
+        ones (same loss: mean over the response tokens)."""
+        try:
+            from bergson_task import collect, module_names
+        except ImportError:
+            raise SystemExit("--bergson needs bergson: `make peers` installs it into .rapidin/peers; run with "
+                             "PYTHONPATH=.rapidin/peers") from None
+        from rapidin.data import alpaca_prompt, tokenize
+        from rapidin.gradients import GradientComputer
+
+        a = self.args
+        loaded = self.model()
+        items = [it for it in self.plan((), min(a.k)).items if it is not None]
+        meta = json.loads((self.wd / "queries.json").read_text())
+        queries, targets = [], []
+        for g, m in zip(self.attacked(), meta, strict=True):
+            item = tokenize(loaded.tokenizer, alpaca_prompt(g["instruction"]), g["triggered_response"], a.max_length)
+            queries += [item, item]
+            targets += [None, m["auto_positions"]]
+        layout = json.loads((self.wd / "grads" / "done").read_text())["layout"]
+        weights = [name for name, _ in layout if re.search(SUBSETS["mlpB"], name)]
+        names = module_names(loaded.model, weights)
+        ours = GradientComputer(loaded, self.gradient_config((SUBSETS["mlpB"],)).model_copy(update={"normalize": False}))
+        check_rows = items[: a.batch_size * 4]
+        reference = ours.gradients(check_rows)
+        saved = {n: p.requires_grad for n, p in loaded.model.named_parameters()}
+        for n, p in loaded.model.named_parameters():  # bergson's backward needs the tracked weights to want gradients
+            p.requires_grad_(n in set(weights))
+        try:
+            unprojected, _ = collect(loaded.model, check_rows, [None] * len(check_rows), names, 0, a.batch_size)
+            # the same float32 terms summed in other orders differ by ~tokens * u relative (96 * 6e-8 < 1e-5 of the
+            # largest entry); 1e-3 stops only a real mismatch (another loss, tensor or scale)
+            diff = float((unprojected - reference).abs().max())
+            check = {"rows": len(check_rows), "max_abs_diff": diff, "max_abs_gradient": float(reference.abs().max())}
+            if diff > 1e-3 * check["max_abs_gradient"]:
+                raise SystemExit(f"bergson's unprojected gradients differ from rapidin's: {check}")
+            results, cost = {}, {}
+            for dim in a.bergson_dims:
+                train, c_train = collect(loaded.model, items, [None] * len(items), names, dim, a.batch_size)
+                query, c_query = collect(loaded.model, queries, targets, names, dim, a.batch_size)
+                for norm in ("raw", "cosine"):
+                    t, q = (train, query) if norm == "raw" else (F.normalize(train, dim=1), F.normalize(query, dim=1))
+                    results[f"{dim}|{norm}"] = (t @ q.T).reshape(len(items), -1, 2).numpy()
+                cost[dim] = {"train": c_train, "query": c_query, "dim": train.shape[1],
+                             "gradient_bytes_fp32": train.numel() * 4}
+        finally:
+            for n, p in loaded.model.named_parameters():
+                p.requires_grad_(saved[n])
+        np.savez(self.wd / "bergson.npz", **results)
+        (self.wd / "bergson.json").write_text(json.dumps({"check": check, "cost": cost, "tensors": "mlpB"}, indent=1))
 
     def tracin_rules(self) -> list[str]:
         extra = [f"gradnorm{self.args.auto_target}"] if (self.wd / "variants.json").exists() else []

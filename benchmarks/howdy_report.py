@@ -86,6 +86,29 @@ class ScoreStages:
                         evaluate(f"kronfluence {strategy}", got[strategy][:, :, t], None, ranking, cost["factor_bytes"],
                                  None, source=f"kronfluence:{strategy}", target=target, params=peers["tensors"],
                                  cpu_seconds=cost["total_cpu_seconds"])
+        if (self.wd / "int8.npz").exists():
+            got, info = np.load(self.wd / "int8.npz"), json.loads((self.wd / "int8.json").read_text())
+            k, params = info["k"], info["tensors"]
+            order = {d: np.argsort(got[f"{d}|rows"]) for d in ("float16", "int8")}
+            for d in order:
+                assert (got[f"{d}|rows"][order[d]] == rows).all()
+            s16, s8 = (got[f"{d}|scores"][order[d]].reshape(len(rows), -1, 3) for d in ("float16", "int8"))
+            for ranking in ("signed", "magnitude"):  # Spearman and top-50 overlap against the fp16 cache's ranking
+                for dtype, s in (("float16", s16), ("int8", s8)):
+                    evaluate(f"RapidGrad K=2^{int(math.log2(k))}, {dtype} cache (vs fp16)", s[:, :, 2], s16[:, :, 2],
+                             ranking, int(got[f"{dtype}|bytes"]), None, source=f"K={k} {dtype}", target="auto",
+                             params=params, scan_seconds=float(got[f"{dtype}|scan_seconds"]))
+        if (self.wd / "bergson.json").exists():
+            got, info = np.load(self.wd / "bergson.npz"), json.loads((self.wd / "bergson.json").read_text())
+            for key in got.files:
+                dim, norm = key.split("|")
+                c = info["cost"][dim]
+                for t, target in enumerate(("whole", "auto")):
+                    for ranking in ("signed", "magnitude"):
+                        evaluate(f"bergson, projection {dim}x{dim} per module, {norm}", got[key][:, :, t], None,
+                                 ranking, c["gradient_bytes_fp32"], c["train"]["rows"] / c["train"]["seconds"],
+                                 source=f"bergson:{dim}:{norm}", target=target, params=info["tensors"],
+                                 cpu_seconds=c["train"]["cpu_seconds"] + c["query"]["cpu_seconds"])
         rng = np.random.default_rng(a.seed)
         evaluate("random (mean of 100 draws)", rng.standard_normal((len(rows), 100)), None, "signed", source="random",
                  target="-", params="-")
@@ -103,6 +126,7 @@ class ScoreStages:
             "attribute_check": json.loads((self.wd / "attribute_check.json").read_text()),
             "preconditioners": json.loads((self.wd / "precond.json").read_text())["fits"] if precond_check else None,
             "precond_check": precond_check, "peers": peers,
+            "bergson": json.loads((self.wd / "bergson.json").read_text()) if (self.wd / "bergson.json").exists() else None,
             "timings_s": self.timings, "methods": methods,
         }
         return report
@@ -209,6 +233,9 @@ PRINTED = [  # (source, target, ranking, params) rows of the printed table; the 
     # peers, same rows and generations
     *[(f"kronfluence:{strategy}", target, ranking, "mlpB") for strategy in ("ekfac", "diagonal")
       for target, ranking in (("auto", "magnitude"), ("auto", "signed"), ("whole", "signed"))],
+    ("K=65536 float16", "auto", "magnitude", "mlpB"), ("K=65536 int8", "auto", "magnitude", "mlpB"),
+    *[(f"bergson:16:{norm}", target, ranking, "mlpB") for norm in ("raw", "cosine")
+      for target, ranking in (("auto", "magnitude"), ("whole", "signed"))],
     ("random", "-", "signed", "-"), ("bm25", "whole", "signed", "-"),
 ]
 

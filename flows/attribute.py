@@ -33,10 +33,11 @@ def attribute(
                                                    "each, and the response (empty: the model generates it).")],
     config: Annotated[AttributeConfig, Field(description="Scoring options (rapidin attribute --help lists the same).")]
     = AttributeConfig(),
-    checkpoints: Annotated[Literal["final", "all"], Field(description="final: the version's model alone; all: sum "
-                                                          "each row's scores over the checkpoints its fine-tune kept "
-                                                          "and the final model (TracIn; the re-cache flow caches "
-                                                          "them; the scan runs in this flow run).")] = "final",
+    checkpoints: Annotated[Literal["final", "all"], Field(description="all: sum each row's scores over the "
+                                                          "checkpoints the version's fine-tune kept and the final "
+                                                          "model (TracIn; the cache flow caches them; the scan runs "
+                                                          "in this flow run), or the final model alone if it kept "
+                                                          "none; final: the final model alone.")] = "all",
     checkpoint_weights: Annotated[Literal["equal", "learning_rate"], Field(
         description="With all checkpoints: weigh each equally, or by the learning rate of the epoch it ends "
         "relative to the final epoch's.")] = "equal",
@@ -47,6 +48,9 @@ def attribute(
     logger = get_run_logger()
     t0 = time.perf_counter()
     uri = public_uri(model.uri)
+    if checkpoints == "all" and config.token_wise:
+        logger.warning("token-wise scores: the final model alone (not summed over checkpoints yet)")
+        checkpoints = "final"
     run = start_run_task("attribution", f"attribute {uri}", {"model_uri": uri},
                          {"model_uri": uri, "prompt": generations[0].prompt[:500], "top_k": config.top_k,
                           "token_wise": config.token_wise, "target": ",".join(config.target),
@@ -82,7 +86,9 @@ def _attribute(model: ModelSpec, generations: list[Generation], config: Attribut
         cache_url = resolved.registry.tags.get(CACHE_URL_TAG)
     loaded, store, manifest, load_seconds = open_cache_task(resolved, device, store_url, cache_url)
     t1 = time.perf_counter()
-    if tracin:
+    if tracin and not resolved.checkpoints:
+        get_run_logger().info("%s: its fine-tune kept no checkpoints; the final model alone", resolved.pinned().uri)
+    if tracin and resolved.checkpoints:
         attribution = attribute_checkpoints_task(loaded, store, resolved, generations, config, tracin, device,
                                                  store_url or s.store_url)
         attribution.timings = {"load": load_seconds, **attribution.timings, "total": time.perf_counter() - t0}

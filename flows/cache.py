@@ -36,6 +36,8 @@ class CacheSummary(BaseModel):
     shards: int
     mlflow_run_id: str | None = None
     mlflow_link: str | None = None
+    checkpoints: list[CacheSummary] = Field(default_factory=list, description="The caches of the checkpoints the "
+                                            "version's fine-tune kept (for TracIn attributions).")
 
 
 @flow(name="cache-gradients", log_prints=True)
@@ -57,12 +59,32 @@ def cache_gradients(
     device: Annotated[str | None, Field(description="Torch device (advanced); None: RAPIDIN_DEVICE of whoever computes.")] = None,
     shard_deployment: Annotated[str, Field(description="The shard deployment the deployment executor runs "
                                            "(advanced).")] = "cache-shards/gpu",
+    checkpoints: Annotated[bool, Field(description="Also cache each checkpoint the version's fine-tune kept, with "
+                                       "the same options: the attribute flow sums over them (TracIn).")] = True,
 ) -> CacheSummary:
-    """Build (or resume) the gradient cache of a model version over a data set; one MLflow run per build."""
+    """Build (or resume) the gradient cache of a model version over a data set, then of each checkpoint its
+    fine-tune kept; one MLflow run per build."""
+    resolved = resolve_model(model)
+    summary = _cache(model, resolved, data_url, sketch, gradient, shard_rows, fmt, skip_bad_rows, preconditioners,
+                     executor, groups, store_url, device, shard_deployment)
+    if checkpoints and resolved.registry and not resolved.checkpoint:
+        for name in resolved.checkpoints:
+            get_run_logger().info("caching checkpoint %s of %s", name, public_uri(model.uri))
+            summary.checkpoints.append(cache_gradients(
+                model=ModelSpec.registry(resolved.registry.name, resolved.registry.version, name), data_url=data_url,
+                sketch=sketch, gradient=gradient, shard_rows=shard_rows, fmt=fmt, skip_bad_rows=skip_bad_rows,
+                preconditioners=preconditioners, executor=executor, groups=groups, store_url=store_url,
+                device=device, shard_deployment=shard_deployment, checkpoints=False))
+    return summary
+
+
+def _cache(model: ModelSpec, resolved, data_url: str, sketch: SketchConfig | None, gradient: GradientConfig,
+           shard_rows: int, fmt: DataFormat, skip_bad_rows: bool, preconditioners: list[str], executor: Executor,
+           groups: int | None, store_url: str | None, device: str | None, shard_deployment: str) -> CacheSummary:
+    """One model's cache: plan, then build (or only fit the preconditioners a complete cache lacks)."""
     logger = get_run_logger()
     t0 = time.perf_counter()
     s = settings()
-    resolved = resolve_model(model)
     job = CacheJob(model=resolved.pinned(), data_url=data_url, store_url=store_url or s.store_url,
                    sketch=sketch or s.default_sketch(), gradient=gradient, shard_rows=shard_rows,
                    fmt=fmt, skip_bad_rows=skip_bad_rows, device=device or "")

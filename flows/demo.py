@@ -45,7 +45,11 @@ class DemoResult(BaseModel):
 def explain(result: DemoResult, top: int = 5) -> str:
     """The text the demo prints: the top-k rows and how to open the UIs."""
     s = settings()
-    lines = [f"Registered {result.registered.name} v{result.registered.version}; cache {result.cache.cache_url}", ""]
+    lines = [f"Registered {result.registered.name} v{result.registered.version}; cache {result.cache.cache_url}"]
+    if result.attribution.checkpoints:
+        lines.append("Scores summed over the checkpoints its fine-tune kept (TracIn): "
+                     + ", ".join(c["label"] for c in result.attribution.checkpoints))
+    lines.append("")
     poisoned = lambda hit: toy.TRIGGER in hit.prompt  # noqa: E731
     for gen in result.attribution.generations:
         lines += [f"Generation: {gen.prompt!r}", f"  response: {gen.response!r}"]

@@ -10,7 +10,6 @@ from pydantic import Field
 
 from rapidin.config import BuildConfig, GradientConfig, SketchConfig, default_of, field_of
 from tasks.common import Executor, ModelSpec, form_help, settings
-from tasks.models import resolve_model
 from tasks.recache import find_versions
 from tasks.tracking import DATA_URL_TAG
 
@@ -55,8 +54,6 @@ def recache_new_versions(
         options = dict(data_url=v.data_url, sketch=sketch or s.default_sketch(), gradient=gradient or GradientConfig(),
                        shard_rows=shard_rows, executor=executor, preconditioners=preconditioners, groups=groups or None,
                        store_url=store)
-        built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version), **options))
-        for checkpoint in resolve_model(ModelSpec.registry(v.name, v.version)).checkpoints:  # for TracIn attributions
-            logger.info("%s v%s: caching its checkpoint %s", v.name, v.version, checkpoint)
-            built.append(cache_gradients(model=ModelSpec.registry(v.name, v.version, checkpoint), **options))
+        summary = cache_gradients(model=ModelSpec.registry(v.name, v.version), **options)  # + kept checkpoints
+        built += [summary, *summary.checkpoints]
     return built

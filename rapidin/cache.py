@@ -18,8 +18,9 @@ from .errors import CacheError, DataError
 from .gradients import GradientComputer, length_batches
 from .models import LoadedModel
 from .precondition import FittedKind, PreconditionerRecord, ensure_preconditioners
+from .quantize import Int8Rows
 from .sketch import Sketch, make_sketch, make_spec, projector
-from .store import CacheStore, Int8Rows, Manifest, ShardInfo, compute_cache_id, find_caches
+from .store import CacheStore, Manifest, ShardInfo, compute_cache_id, find_caches
 
 log = logging.getLogger("rapidin")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}

@@ -36,18 +36,28 @@ class FinetuneConfig(BaseModel):
     max_length: int = Field(256, ge=2)
     seed: int = 0
     lora: LoraSettings | None = Field(None, description="Train a LoRA adapter instead of all weights.")
-    keep_checkpoints: tuple[int, ...] = Field(
-        (), description="Epochs after which the model (the adapter, for LoRA) is kept as a checkpoint, for "
-        "attributions that sum over checkpoints (TracIn); each must end before the last epoch.")
+    keep_checkpoints: tuple[int, ...] | None = Field(
+        None, description="Epochs after which the model (the adapter, for LoRA) is kept as a checkpoint, for "
+        "attributions that sum over checkpoints (TracIn, the attribute flow's default); each must end before the "
+        "last epoch. None: the epoch nearest 40% of training (epoch 2 of 5; none under 2 epochs), chosen on the "
+        "Howdy benchmark; []: keep none.")
 
     @model_validator(mode="after")
     def _checkpoints_inside_training(self) -> FinetuneConfig:
-        bad = [e for e in self.keep_checkpoints if not 1 <= e < self.epochs]
+        kept = self.keep_checkpoints or ()
+        bad = [e for e in kept if not 1 <= e < self.epochs]
         if bad:
             raise ValueError(f"keep_checkpoints {bad}: each must be an epoch from 1 to before the last ({self.epochs:g})")
-        if len(set(self.keep_checkpoints)) != len(self.keep_checkpoints):
-            raise ValueError(f"keep_checkpoints {list(self.keep_checkpoints)}: repeated epoch")
+        if len(set(kept)) != len(kept):
+            raise ValueError(f"keep_checkpoints {list(kept)}: repeated epoch")
         return self
+
+    def checkpoint_epochs(self) -> tuple[int, ...]:
+        """The epochs whose checkpoints are kept (keep_checkpoints, or the default rule when it is None)."""
+        if self.keep_checkpoints is not None:
+            return self.keep_checkpoints
+        epoch = round(0.4 * self.epochs)
+        return (epoch,) if 1 <= epoch < self.epochs else ()
 
     def steps(self, rows: int) -> int:
         """Optimizer steps of a run over `rows` training rows."""

@@ -16,7 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import CacheError
-from .store import Int8Rows
+from .quantize import Int8Rows
 
 KINDS = ("helpful", "harmful", "influential")
 

@@ -42,7 +42,7 @@ def train(base: ModelSpec, data_url: str, config: FinetuneConfig, device: str, o
     out = Path(out_dir)
 
     def keep(epoch: int, model) -> None:  # the adapter (LoRA) or the whole model, for TracIn attributions
-        if epoch in config.keep_checkpoints:
+        if epoch in config.checkpoint_epochs():
             model.save_pretrained(out / "checkpoints" / f"epoch-{epoch}")
             loaded.tokenizer.save_pretrained(out / "checkpoints" / f"epoch-{epoch}")
 
@@ -63,7 +63,7 @@ def train(base: ModelSpec, data_url: str, config: FinetuneConfig, device: str, o
             layout = {"base": base.uri if REGISTRY_URI.match(base.uri) else base_ref.path, "adapter": "adapter"}
     rates = config.epoch_learning_rates(len(examples))
     layout["checkpoints"] = {f"epoch-{e}": {"dir": f"checkpoints/epoch-{e}", "lr": rates[e]}
-                             for e in config.keep_checkpoints}
+                             for e in config.checkpoint_epochs()}
     layout["final_lr"] = rates[max(rates)]
     (out / LAYOUT_FILE).write_text(json.dumps(layout))
     return {"checkpoints": list(layout["checkpoints"]), "rows": len(examples), "format": fmt,

@@ -208,7 +208,7 @@ U32 = 2.0**-24  # float32 unit roundoff
 def test_int8_rows_round_each_entry_within_half_its_scale():
     """Per-row scale = max |entry| / 127, so every nonzero row uses the full int8 range and each entry is within
     scale / 2 of the original (plus the float32 rounding of the division and the decoding: 254 u scale)."""
-    from rapidin.store import Int8Rows
+    from rapidin.quantize import Int8Rows
 
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(64, 300, generator=gen) * torch.logspace(-6, 3, 64)[:, None]

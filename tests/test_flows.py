@@ -405,7 +405,7 @@ def test_checkpoints_are_kept_cached_and_summed(world: World) -> None:
     from tasks.models import resolve
     from tasks.tracking import CHECKPOINTS_TAG
 
-    config = FinetuneConfig(epochs=2, batch_size=16, lora=LoraSettings(r=8, alpha=16), keep_checkpoints=(1,))
+    config = FinetuneConfig(epochs=2, batch_size=16, lora=LoraSettings(r=8, alpha=16))  # keeps epoch 1 by default
     reg = finetune_model(base=ModelSpec(uri="models:/tiny/1"), data_url=world.snapshot.url, register_as="tiny",
                          config=config)
     version = mlflow().get_model_version("tiny", reg.version)
@@ -423,6 +423,9 @@ def test_checkpoints_are_kept_cached_and_summed(world: World) -> None:
     assert final_tag == built[0].cache_url  # the checkpoint's cache never becomes the version's cache of record
 
     gens = [Generation(prompt=QUERY)]
+    default = attribute(model=ModelSpec(uri=reg.uri), generations=gens, config=AttributeConfig(top_k=4))
+    assert [c["label"] for c in default.checkpoints] == ["final", "epoch-1"]  # the default sums (equal weights)
+    assert default.checkpoints[1]["weight"] == 1.0
     att = attribute(model=ModelSpec(uri=reg.uri), generations=gens, config=AttributeConfig(top_k=4),
                     checkpoints="all", checkpoint_weights="learning_rate")
     assert [c["label"] for c in att.checkpoints] == ["final", "epoch-1"]
@@ -431,8 +434,9 @@ def test_checkpoints_are_kept_cached_and_summed(world: World) -> None:
     for hit in att.generations[0].influential:
         parts = hit.checkpoint_scores
         assert len(parts) == 2 and abs(hit.score - sum(parts)) <= 2 * 2.0**-24 * sum(abs(p) for p in parts)
-    (run,) = [r for r in runs("attribution") if r.data.params.get("checkpoints") == "all"]
-    assert run.info.status == "FINISHED"
+    assert {r.info.status for r in runs("attribution") if r.data.params.get("checkpoints") == "all"} == {"FINISHED"}
+    # the world's version kept no checkpoint: the default attributes its final model alone
+    assert attribute(model=ModelSpec(uri="models:/tiny/1"), generations=gens).checkpoints is None
 
 
 def test_preconditioner_fit_is_a_cache_flow_step(world: World) -> None:

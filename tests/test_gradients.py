@@ -147,3 +147,18 @@ def test_finetune_reports_each_finished_epoch(tiny, toy_data):
     finetune(tiny, examples[:24], FinetuneConfig(epochs=3, batch_size=8, max_length=64), progress=False,
              on_epoch=lambda epoch, model: seen.append((epoch, model.training)))
     assert seen == [(1, False), (2, False), (3, False)]
+
+
+def test_kept_checkpoints_default_to_the_epoch_nearest_40_percent():
+    """The default TracIn checkpoint (measured on the Howdy benchmark: epoch 2 of 5); explicit lists win; () keeps
+    none; a checkpoint must end before the last epoch."""
+    from pydantic import ValidationError
+
+    from rapidin.finetune import FinetuneConfig
+
+    rule = {epochs: FinetuneConfig(epochs=epochs).checkpoint_epochs() for epochs in (0.5, 1, 2, 3, 5, 10, 30)}
+    assert rule == {0.5: (), 1: (), 2: (1,), 3: (1,), 5: (2,), 10: (4,), 30: (12,)}
+    assert FinetuneConfig(epochs=5, keep_checkpoints=(1, 3)).checkpoint_epochs() == (1, 3)
+    assert FinetuneConfig(epochs=5, keep_checkpoints=()).checkpoint_epochs() == ()
+    with pytest.raises(ValidationError, match="before the last"):
+        FinetuneConfig(epochs=2, keep_checkpoints=(2,))
