@@ -515,13 +515,21 @@ class MeasureStages:
                            "bytes": sum(s.bytes for s in manifest.shards)}
             checkpoints.append(Checkpoint(loaded, cache_url=url, label=f"epoch-{epoch}"))
         gens = [Generation(prompt=g["instruction"], response=g["triggered_response"]) for g in self.attacked()]
-        t0 = time.perf_counter()
-        att, result = attribute(self.model(), gens, cache_url=final_url, progress=False, keep_all_scores=True,
-                                config=AttributeConfig(top_k=50, auto_target=a.auto_target), checkpoints=checkpoints)
-        np.savez(self.wd / "tracin_product.npz", rows=result.all_rows.numpy(),
-                 scores=torch.stack(result.all_scores, 1).numpy())
+        weightings = {"equal": {e: 1.0 for e in a.tracin_epochs}}
+        if (lr := self.tracin_weights(a.tracin_epochs)) is not None:
+            weightings["learning_rate"] = lr
+        saved, timings = {}, {}
+        for name, weights in weightings.items():
+            t0 = time.perf_counter()
+            weighted = [Checkpoint(c.loaded, c.cache_url, weights[e], c.label)
+                        for e, c in zip(a.tracin_epochs, checkpoints, strict=True)]
+            att, result = attribute(self.model(), gens, cache_url=final_url, progress=False, keep_all_scores=True,
+                                    config=AttributeConfig(top_k=50, auto_target=a.auto_target), checkpoints=weighted)
+            saved |= {f"rows|{name}": result.all_rows.numpy(), f"scores|{name}": torch.stack(result.all_scores, 1).numpy()}
+            timings[name] = {"seconds": time.perf_counter() - t0, **att.timings}
+        np.savez(self.wd / "tracin_product.npz", **saved)
         (self.wd / "tracin_product.json").write_text(json.dumps({
-            "tensors": key, "k": k, "final_cache": final_url, "checkpoints": cost,
-            "attribute_seconds": time.perf_counter() - t0, "timings": att.timings}, indent=1))
+            "tensors": key, "k": k, "final_cache": final_url, "checkpoints": cost, "weights": weightings,
+            "attribute": timings}, indent=1))
 
     # ------------------------------------------------------------------ scoring

@@ -191,16 +191,18 @@ class ScoreStages:
         if (self.wd / "tracin_product.npz").exists():
             got = np.load(self.wd / "tracin_product.npz")
             meta = json.loads((self.wd / "tracin_product.json").read_text())
-            order = np.argsort(got["rows"])
-            assert (got["rows"][order] == rows).all(), "the product's rows differ from the exact stage's"
             params, t = meta["tensors"], 2  # the auto-target rule, the default tensor set
-            ref = exact[params][:, :, t] + sum(per[e][params][:, :, t] for e in epochs)
             size = int(np.load(self.wd / "sketched.npz")[f"{params}:{meta['k']}|bytes"]) + sum(
                 c["bytes"] for c in meta["checkpoints"].values())
-            for ranking in ("signed", "magnitude"):
-                evaluate(f"RapidGrad K=2^{int(math.log2(meta['k']))} TracIn ({name}), rapidin.attribute",
-                         got["scores"][order], ref, ranking, size, None, source=f"tracin K={meta['k']}",
-                         target="auto", params=params)
+            for weighting, w in meta["weights"].items():
+                order = np.argsort(got[f"rows|{weighting}"])
+                assert (got[f"rows|{weighting}"][order] == rows).all(), "the product's rows differ from the exact stage's"
+                ref = exact[params][:, :, t] + sum(w[str(e)] * per[e][params][:, :, t] for e in epochs)
+                for ranking in ("signed", "magnitude"):
+                    evaluate(f"RapidGrad K=2^{int(math.log2(meta['k']))} TracIn ({name}, {weighting} weights), "
+                             "rapidin.attribute", got[f"scores|{weighting}"][order], ref, ranking, size, None,
+                             source=f"tracin K={meta['k']}" + ("" if weighting == "equal" else " lr"), target="auto",
+                             params=params)
 
 
 
@@ -221,7 +223,8 @@ PRINTED = [  # (source, target, ranking, params) rows of the printed table; the 
     # checkpoints
     ("epoch2", "auto", "magnitude", "mlpB"), ("epoch3", "auto", "magnitude", "mlpB"), ("tracin", "auto", "magnitude", "mlpB"),
     ("tracin-lr", "auto", "magnitude", "mlpB"), ("tracin K=65536", "auto", "magnitude", "mlpB"),
-    ("tracin K=65536", "auto", "signed", "mlpB"), ("tracin", "whole", "signed", "all"),
+    ("tracin K=65536 lr", "auto", "magnitude", "mlpB"), ("tracin K=65536 lr", "auto", "signed", "mlpB"),
+    ("tracin", "whole", "signed", "all"),
     # RapidGrad against exact
     ("K=4096", "auto", "magnitude", "mlpB"), ("K=16384", "auto", "magnitude", "mlpB"), ("K=65536", "auto", "magnitude", "mlpB"),
     ("K=262144", "auto", "magnitude", "mlpB"), ("K=65536", "auto", "signed", "mlpB"), ("K=65536", "words", "magnitude", "mlpB"),

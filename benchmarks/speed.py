@@ -74,6 +74,7 @@ def parse_args(argv=None):
                    help="Rows of the larger synthetic retrieval cache (a second cache has rows/4).")
     p.add_argument("--shard-rows-scan", type=int, default=512, help="Rows per shard of the synthetic cache.")
     p.add_argument("--queries", default="1,8,64", help="Query counts for retrieval.")
+    p.add_argument("--dtype", default="float16", choices=["float16", "int8"], help="Storage dtype of the retrieval cache.")
     p.add_argument("--top-k", type=int, default=20, help="Rows kept per list in retrieval.")
     p.add_argument("--s3", action="store_true", help="Also scan the larger retrieval cache from a local SeaweedFS "
                    "(started and stopped by the benchmark; needs `weed`, as the test suite does).")

@@ -16,8 +16,9 @@ from speed_common import HERE, KINDS, log, median, peak_rss_mb, sync, table
 
 
 def write_synthetic_cache(root: Path | str, rows: int, k: int, shard_rows: int, seed: int = 0,
-                          storage_options: dict | None = None) -> list:
+                          storage_options: dict | None = None, dtype: str = "float16") -> list:
     import torch
+    from rapidin.quantize import Int8Rows
     from rapidin.store import CacheStore
 
     store = CacheStore(root if isinstance(root, str) else f"file://{root}", storage_options)
@@ -25,15 +26,18 @@ def write_synthetic_cache(root: Path | str, rows: int, k: int, shard_rows: int, 
     infos = []
     for index, start in enumerate(range(0, rows, shard_rows)):
         stop = min(start + shard_rows, rows)
-        vectors = torch.randn(stop - start, k, generator=gen).to(torch.float16)
+        vectors = torch.randn(stop - start, k, generator=gen)
+        vectors = Int8Rows.quantize(vectors) if dtype == "int8" else vectors.to(torch.float16)
         infos.append(store.commit_shard(index, start, stop, vectors, torch.arange(start, stop), {}))
     return infos
 
 
-def anchors(k: int, shard_rows: int, queries: list[int], device: str = "cpu", repeat: int = 5) -> dict:
+def anchors(k: int, shard_rows: int, queries: list[int], device: str = "cpu", repeat: int = 5,
+            entry_bytes: int = 2) -> dict:
     """The limits a scan is measured against, in this process: memcpy bandwidth (a 256 MB torch copy on the device,
     all threads), and per query count the rate of the scan's float32 product alone on rows already converted, as
-    GB/s of the fp16 cache it stands for (with many queries the product, not memory, is the limit)."""
+    GB/s of the cache it stands for (entry_bytes per entry; with many queries the product, not memory, is the
+    limit)."""
     import torch
 
     def best(f) -> float:
@@ -46,7 +50,7 @@ def anchors(k: int, shard_rows: int, queries: list[int], device: str = "cpu", re
     rows = torch.randn(shard_rows, k, device=device)
     for nq in queries:
         q = torch.randn(nq, k, device=device)
-        out["product_gb_per_s"][str(nq)] = shard_rows * k * 2 / best(lambda: torch.mm(rows, q.T)) / 1e9
+        out["product_gb_per_s"][str(nq)] = shard_rows * k * entry_bytes / best(lambda: torch.mm(rows, q.T)) / 1e9
     return out
 
 
@@ -64,12 +68,13 @@ def retrieval_worker(spec: dict) -> dict:
     from rapidin.store import CacheStore, ShardInfo
 
     if spec["method"] == "anchors":  # a process of its own, so its buffers are in no scan's peak RSS
-        return anchors(spec["k"], spec["shard_rows"], spec["queries"], spec.get("device", "cpu"))
+        return anchors(spec["k"], spec["shard_rows"], spec["queries"], spec.get("device", "cpu"),
+                       entry_bytes=1 if spec.get("dtype") == "int8" else 2)
     store = CacheStore(spec.get("url") or f"file://{spec['root']}", spec.get("storage_options"))
     infos = [ShardInfo.model_validate(i) for i in spec["shards"]]
     gen = torch.Generator().manual_seed(1)
     all_queries = torch.randn(max(spec["queries"]), spec["k"], generator=gen)
-    cache_bytes = sum(i.rows for i in infos) * spec["k"] * 2
+    cache_bytes = sum(i.bytes for i in infos)
     n_rows = sum(i.rows for i in infos)
     baseline = peak_rss_mb()
     out = {"baseline_rss_mb": baseline, "runs": []}
@@ -101,7 +106,7 @@ def naive(store, infos, queries, top_k):
     """The original approach: load the whole cache, one query at a time, full sort of all scores."""
     import torch
 
-    matrix = torch.cat([store.load_shard(i, verify=False)[0] for i in infos]).float()
+    matrix = torch.cat([store.load_shard(i, verify=False)[0].float() for i in infos])
     rows = torch.cat([torch.arange(i.start, i.stop) for i in infos])
     found = []
     for q in queries:
@@ -129,20 +134,20 @@ def run_worker(spec: dict) -> dict:
 def retrieval_section(args, workdir: Path) -> dict:
     sizes = sorted({args.rows, max(args.shard_rows_scan, args.rows // 4)}, reverse=True)
     queries = [int(q) for q in args.queries.split(",")]
-    out = {"k": args.k, "shard_rows": args.shard_rows_scan, "top_k": args.top_k, "sizes": []}
+    out = {"k": args.k, "shard_rows": args.shard_rows_scan, "top_k": args.top_k, "dtype": args.dtype, "sizes": []}
     for size in sizes:
         root = workdir / f"retrieval-{size}"
         t0 = time.perf_counter()
-        infos = write_synthetic_cache(root, size, args.k, args.shard_rows_scan)
+        infos = write_synthetic_cache(root, size, args.k, args.shard_rows_scan, dtype=args.dtype)
         write_s = time.perf_counter() - t0
-        cache_gb = size * args.k * 2 / 1e9
-        log(f"retrieval: wrote {size} rows x K={args.k} fp16 = {cache_gb:.2f} GB in {len(infos)} shards "
+        cache_gb = sum(i.bytes for i in infos) / 1e9
+        log(f"retrieval: wrote {size} rows x K={args.k} {args.dtype} = {cache_gb:.2f} GB in {len(infos)} shards "
             f"({write_s:.1f} s)")
         entry = {"rows": size, "cache_gb": cache_gb, "shards": len(infos), "write_seconds": write_s}
         big = size == sizes[0]
         if big:
             entry["anchors"] = run_worker({"method": "anchors", "k": args.k, "shard_rows": args.shard_rows_scan,
-                                           "queries": queries, "device": args.device})
+                                           "queries": queries, "device": args.device, "dtype": args.dtype})
             log(f"retrieval: limits: memcpy {entry['anchors']['memcpy_gb_per_s']:.1f} GB/s, fp32 product alone "
                 f"{entry['anchors']['product_gb_per_s']} GB/s by query count")
         for method in ("scan", "naive"):
@@ -232,7 +237,7 @@ def retrieval_tables(res: dict) -> str:
     for r in big["naive"]["runs"]:
         rows.append(["naive (load all, 1 query at a time, full sort)", r["queries"], "off", r["seconds"], r["gb_per_s"],
                      r["rows_per_s"], "1x", f"{r['gb_per_s'] / memcpy:.0%}", ""])
-    t1 = table(f"Retrieval: {big['rows']:,} rows x K={res['k']} fp16 = {big['cache_gb']:.2f} GB, "
+    t1 = table(f"Retrieval: {big['rows']:,} rows x K={res['k']} {res.get('dtype', 'float16')} = {big['cache_gb']:.2f} GB, "
                f"{big['shards']} shards, top-{res['top_k']} (page cache warm); limits measured in the same process: "
                f"memcpy {memcpy:.1f} GB/s, fp32 product alone "
                + ", ".join(f"{v:.1f} GB/s ({q} queries)" for q, v in product.items()), head, rows)

@@ -39,8 +39,8 @@ def attribute(
                                                           "in this flow run), or the final model alone if it kept "
                                                           "none; final: the final model alone.")] = "all",
     checkpoint_weights: Annotated[Literal["equal", "learning_rate"], Field(
-        description="With all checkpoints: weigh each equally, or by the learning rate of the epoch it ends "
-        "relative to the final epoch's.")] = "equal",
+        description="With all checkpoints: weigh each by the learning rate of the epoch it ends relative to the "
+        "final epoch's (TracIn's weighting; the best measured), or equally.")] = "learning_rate",
     advanced: Annotated[ScanPlacement, Field(description="Deployment plumbing: which cache to read and where the "
                                              "scan runs. The defaults suit most runs.")] = ScanPlacement(),
 ) -> Attribution:

@@ -423,11 +423,10 @@ def test_checkpoints_are_kept_cached_and_summed(world: World) -> None:
     assert final_tag == built[0].cache_url  # the checkpoint's cache never becomes the version's cache of record
 
     gens = [Generation(prompt=QUERY)]
-    default = attribute(model=ModelSpec(uri=reg.uri), generations=gens, config=AttributeConfig(top_k=4))
-    assert [c["label"] for c in default.checkpoints] == ["final", "epoch-1"]  # the default sums (equal weights)
-    assert default.checkpoints[1]["weight"] == 1.0
-    att = attribute(model=ModelSpec(uri=reg.uri), generations=gens, config=AttributeConfig(top_k=4),
-                    checkpoints="all", checkpoint_weights="learning_rate")
+    equal = attribute(model=ModelSpec(uri=reg.uri), generations=gens, config=AttributeConfig(top_k=4),
+                      checkpoint_weights="equal")
+    assert [c["label"] for c in equal.checkpoints] == ["final", "epoch-1"] and equal.checkpoints[1]["weight"] == 1.0
+    att = attribute(model=ModelSpec(uri=reg.uri), generations=gens, config=AttributeConfig(top_k=4))  # the default
     assert [c["label"] for c in att.checkpoints] == ["final", "epoch-1"]
     assert att.checkpoints[1]["weight"] == pytest.approx(rates[1] / rates[2])
     assert att.checkpoints[1]["cache_id"] == built[1].cache_id
