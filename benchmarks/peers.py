@@ -14,7 +14,11 @@ its dependencies, beside the venv:
       einops einconv opt-einsum
   PYTHONPATH=.rapidin/peers .venv/bin/python benchmarks/peers.py --rows 32
 
-EleutherAI bergson (2.5.1) is not measured yet: it requires torchvision, torchaudio, bitsandbytes and torchopt.
+  bergson      EleutherAI bergson 2.5.1: per-example gradients from its own hooks (InMemoryCollector) with its
+               per-module 16 x 16 random projection, the same modules
+
+`make peers` installs both peers beside the venv (bergson's metadata also asks for torchaudio, torchopt and
+bitsandbytes, which its gradient collector never imports).
 """
 
 from __future__ import annotations
@@ -74,6 +78,18 @@ def kronfluence_run(loaded, items, batch: int, tensors: list[str]) -> dict:
             "tracked_modules": len(tensors)}
 
 
+def bergson_run(loaded, items, batch: int, tensors: list[str], projection_dim: int = 16) -> dict:
+    from bergson_task import collect, module_names
+
+    names = module_names(loaded.model, tensors)
+    for n, p in loaded.model.named_parameters():  # its backward needs the tracked weights to want gradients
+        p.requires_grad_(n in set(tensors))
+    collect(loaded.model, items[:batch], [None] * batch, names, projection_dim, batch)  # warm-up
+    grads, cost = collect(loaded.model, items, [None] * len(items), names, projection_dim, batch)
+    return {"seconds": cost["seconds"], "examples_per_s": len(items) / cost["seconds"], "dim": grads.shape[1],
+            "projection_dim": projection_dim}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gguf", default=str(HERE.parent / ".rapidin" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -89,15 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     items = tokenized_rows(loaded, args.data, args.rows, args.max_length)
     results = {"rows": len(items), "tokens_per_row": sum(len(i.input_ids) for i in items) / len(items)}
     results["rapidin"] = ours(loaded, items, args.batch)
-    results["kronfluence"] = kronfluence_run(loaded, items, args.batch, results["rapidin"]["tensors"])
+    results["bergson"] = bergson_run(loaded, items, args.batch, results["rapidin"]["tensors"])
+    results["kronfluence"] = kronfluence_run(loaded, items, args.batch, results["rapidin"]["tensors"])  # wraps modules
     results["rapidin"].pop("tensors")
-    results["ratio"] = results["rapidin"]["examples_per_s"] / results["kronfluence"]["examples_per_s"]
+    peers = ("kronfluence", "bergson")
+    results["ratio"] = {p: results["rapidin"]["examples_per_s"] / results[p]["examples_per_s"] for p in peers}
     print(json.dumps(results, indent=1))
     print("\n| method | rows | ex/s | seconds |\n|---|---:|---:|---:|")
-    for name in ("rapidin", "kronfluence"):
+    for name in ("rapidin", *peers):
         r = results[name]
         print(f"| {name} | {len(items)} | {r['examples_per_s']:.2f} | {r['seconds']:.2f} |")
-    print(f"rapidin / kronfluence: {results['ratio']:.2f}x")
+    print("  ".join(f"rapidin / {p}: {results['ratio'][p]:.2f}x" for p in peers))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

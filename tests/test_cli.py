@@ -51,7 +51,7 @@ def one_line(err: str) -> str:
     (["--max-length", "0"], ["--max-length 0", "greater than or equal to 2"]),
     (["--batch-size", "0"], ["--batch-size 0", "greater than or equal to 1"]),
     (["--k", "abc"], ["--k", "invalid int value"]),
-    (["--dtype", "int8"], ["--dtype", "float16"]),
+    (["--dtype", "int4"], ["--dtype", "float16", "int8"]),
     (["--data", "foo://x"], ["--data", "unknown URL scheme 'foo'"]),
     (["--store", "foo://x"], ["--store", "unknown URL scheme 'foo'"]),
     (["--model", "foo://x"], ["--model", "unknown URL scheme 'foo'"]),
