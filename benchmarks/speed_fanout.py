@@ -113,7 +113,28 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
     if a.out:
         Path(a.out).write_text(json.dumps({"results": results, "queries": a.queries, "top_k": a.top_k}, indent=2))
+        plot(results, a.k, Path(a.out).with_suffix(".png"))
     return 0
+
+
+def plot(results: list[dict], k: int, path: Path) -> None:
+    """Seconds against rows: in process, and through the fan-out with each group count."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rows = [r["rows"] for r in results]
+    ax.plot(rows, [r["in_process_seconds"] for r in results], "o-", label="in process (iter_shards + scan)")
+    for n in results[0]["fanout"]:
+        ax.plot(rows, [r["fanout"][n] for r in results], "o-", label=f"fan-out, {n} worker(s), end to end")
+    ax.set_xlabel("cached rows (S3: SeaweedFS)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"Scan through the deployment fan-out (K = {k}, fp16, 1 query)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
