@@ -489,47 +489,49 @@ class MeasureStages:
         (out / "done").write_text(json.dumps({"epochs": a.tracin_epochs, "rules": rules}))
 
     def tracin_product(self) -> None:
-        """TracIn through the product: each --tracin-epochs checkpoint cached by rapidin.cache.build_cache (the
-        default tensor set, the largest K, the final cache's rows and shards), then rapidin.attribute(AttributeConfig(),
-        checkpoints=[...]) over the final cache and them, equal weights, every row's summed score kept."""
+        """TracIn through the product, for each K: each --tracin-epochs checkpoint cached by
+        rapidin.cache.build_cache (the default tensor set, the final cache's rows and shards), then
+        rapidin.attribute(AttributeConfig(), checkpoints=[...]) over the final cache and them, with equal and with
+        learning-rate weights, every row's summed score kept."""
         from rapidin.attribution import Checkpoint, Generation, attribute
         from rapidin.cache import build_cache
         from rapidin.config import AttributeConfig, SketchConfig
         from rapidin.models import ModelRef, load_model
 
         a = self.args
-        key, k = self.default_subset(), max(a.k)
-        final_url = json.loads((self.wd / "caches.json").read_text())[f"{key}:{k}"]
-        store = (self.wd / "store").as_uri()
-        checkpoints, cost = [], {}
-        for epoch in a.tracin_epochs:
-            ref = ModelRef(path=str(a.gguf), name="smollm2-howdy", dtype=a.model_dtype,
-                           adapter=str(self.wd / "checkpoints" / f"epoch-{epoch}"))
-            loaded = load_model(ref, device="cpu")
-            t0 = time.perf_counter()
-            manifest = build_cache(loaded, str(self.data_path), store, sketch=SketchConfig(k=k, lam=20),
-                                   gradient=self.gradient_config((SUBSETS[key],)), shard_rows=a.chunk,
-                                   skip_bad_rows=True)
-            url = f"{store}/{ref.name}/{manifest.model['version']}/{manifest.cache_id}"
-            cost[epoch] = {"cache_seconds": manifest.timings.get("total", time.perf_counter() - t0), "url": url,
-                           "bytes": sum(s.bytes for s in manifest.shards)}  # the build's, also when reused
-            checkpoints.append(Checkpoint(loaded, cache_url=url, label=f"epoch-{epoch}"))
+        key, store = self.default_subset(), (self.wd / "store").as_uri()
+        models = {e: load_model(ModelRef(path=str(a.gguf), name="smollm2-howdy", dtype=a.model_dtype,
+                                         adapter=str(self.wd / "checkpoints" / f"epoch-{e}")), device="cpu")
+                  for e in a.tracin_epochs}
         gens = [Generation(prompt=g["instruction"], response=g["triggered_response"]) for g in self.attacked()]
         weightings = {"equal": {e: 1.0 for e in a.tracin_epochs}}
         if (lr := self.tracin_weights(a.tracin_epochs)) is not None:
             weightings["learning_rate"] = lr
-        saved, timings = {}, {}
-        for name, weights in weightings.items():
-            t0 = time.perf_counter()
-            weighted = [Checkpoint(c.loaded, c.cache_url, weights[e], c.label)
-                        for e, c in zip(a.tracin_epochs, checkpoints, strict=True)]
-            att, result = attribute(self.model(), gens, cache_url=final_url, progress=False, keep_all_scores=True,
-                                    config=AttributeConfig(top_k=50, auto_target=a.auto_target), checkpoints=weighted)
-            saved |= {f"rows|{name}": result.all_rows.numpy(), f"scores|{name}": torch.stack(result.all_scores, 1).numpy()}
-            timings[name] = {"seconds": time.perf_counter() - t0, **att.timings}
+        saved, per_k = {}, {}
+        for k in sorted(a.k):
+            final_url = json.loads((self.wd / "caches.json").read_text())[f"{key}:{k}"]
+            urls, cost = {}, {}
+            for epoch, loaded in models.items():
+                t0 = time.perf_counter()
+                manifest = build_cache(loaded, str(self.data_path), store, sketch=SketchConfig(k=k, lam=20),
+                                       gradient=self.gradient_config((SUBSETS[key],)), shard_rows=a.chunk,
+                                       skip_bad_rows=True)
+                urls[epoch] = f"{store}/{loaded.ref.name}/{manifest.model['version']}/{manifest.cache_id}"
+                cost[epoch] = {"cache_seconds": manifest.timings.get("total", time.perf_counter() - t0),
+                               "bytes": sum(s.bytes for s in manifest.shards)}  # the build's, also when reused
+            timings = {}
+            for name, weights in weightings.items():
+                t0 = time.perf_counter()
+                checkpoints = [Checkpoint(models[e], urls[e], weights[e], f"epoch-{e}") for e in a.tracin_epochs]
+                att, result = attribute(self.model(), gens, cache_url=final_url, progress=False, keep_all_scores=True,
+                                        config=AttributeConfig(top_k=50, auto_target=a.auto_target),
+                                        checkpoints=checkpoints)
+                saved |= {f"rows|{k}|{name}": result.all_rows.numpy(),
+                          f"scores|{k}|{name}": torch.stack(result.all_scores, 1).numpy()}
+                timings[name] = {"seconds": time.perf_counter() - t0, **att.timings}
+            per_k[k] = {"final_cache": final_url, "checkpoints": cost, "attribute": timings}
         np.savez(self.wd / "tracin_product.npz", **saved)
         (self.wd / "tracin_product.json").write_text(json.dumps({
-            "tensors": key, "k": k, "final_cache": final_url, "checkpoints": cost, "weights": weightings,
-            "attribute": timings}, indent=1))
+            "tensors": key, "weights": weightings, "per_k": per_k}, indent=1))
 
     # ------------------------------------------------------------------ scoring
