@@ -64,17 +64,16 @@ def cache_gradients(
 ) -> CacheSummary:
     """Build (or resume) the gradient cache of a model version over a data set, then of each checkpoint its
     fine-tune kept; one MLflow run per build."""
+    options = dict(data_url=data_url, sketch=sketch, gradient=gradient, shard_rows=shard_rows, fmt=fmt,
+                   skip_bad_rows=skip_bad_rows, preconditioners=preconditioners, executor=executor, groups=groups,
+                   store_url=store_url, device=device, shard_deployment=shard_deployment)
     resolved = resolve_model(model)
-    summary = _cache(model, resolved, data_url, sketch, gradient, shard_rows, fmt, skip_bad_rows, preconditioners,
-                     executor, groups, store_url, device, shard_deployment)
+    summary = _cache(model, resolved, **options)
     if checkpoints and resolved.registry and not resolved.checkpoint:
         for name in resolved.checkpoints:
             get_run_logger().info("caching checkpoint %s of %s", name, public_uri(model.uri))
-            summary.checkpoints.append(cache_gradients(
-                model=ModelSpec.registry(resolved.registry.name, resolved.registry.version, name), data_url=data_url,
-                sketch=sketch, gradient=gradient, shard_rows=shard_rows, fmt=fmt, skip_bad_rows=skip_bad_rows,
-                preconditioners=preconditioners, executor=executor, groups=groups, store_url=store_url,
-                device=device, shard_deployment=shard_deployment, checkpoints=False))
+            spec = ModelSpec.registry(resolved.registry.name, resolved.registry.version, name)
+            summary.checkpoints.append(cache_gradients(model=spec, checkpoints=False, **options))
     return summary
 
 
