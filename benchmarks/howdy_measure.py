@@ -364,6 +364,9 @@ class MeasureStages:
         analyzer = Analyzer("howdy", prepare_model(loaded.model, task), task, cpu=True, output_dir=str(out_dir))
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate_fn(loaded.tokenizer.pad_token_id or 0)))
         scores, cost = {}, {}
+        if (self.wd / "peers.json").exists():  # a rerun with other strategies keeps the ones measured before
+            scores = dict(np.load(self.wd / "peers.npz"))
+            cost = json.loads((self.wd / "peers.json").read_text())["kronfluence"]
         for strategy in self.args.peer_strategies:
             wall, cpu = time.perf_counter(), time.process_time()
             analyzer.fit_all_factors(strategy, train, per_device_batch_size=self.args.batch_size,

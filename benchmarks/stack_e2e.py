@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit("no cache tag on the new version after 900 s: did the event trigger the re-cache?")
         time.sleep(1)
     stages["recache (event -> tagged)"] = time.perf_counter() - t0
+    while not any(r["flow"] == "recache-new-versions" and r["state_type"] == "COMPLETED" for r in _flow_runs(t_start)):
+        if time.perf_counter() - t0 > 900:  # after the version's cache it caches the checkpoint its fine-tune kept
+            sys.exit("the event-triggered re-cache did not complete within 900 s")
+        time.sleep(1)
+    stages["recache (event -> done, with the kept checkpoint)"] = time.perf_counter() - t0
     cache_url = mv.tags["rapidin.cache_url"]
     manifest = CacheStore(cache_url, s.storage_options(cache_url)).read_manifest()
 

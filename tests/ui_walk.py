@@ -169,12 +169,23 @@ def walk(model_uri: str, out: Path, top_k: int = 5) -> dict:
     return seen
 
 
+def create_run(deployment_id: str, body: dict, attempts: int = 3) -> str:
+    """Create a run of the deployment through the API; as with the form, a server on sqlite under load may refuse
+    one create ("database is locked"): retried, then the server's answer is the error."""
+    for attempt in range(attempts):
+        r = httpx.post(f"{prefect_api()}/deployments/{deployment_id}/create_flow_run", json=body, timeout=30)
+        if r.is_success:
+            return r.json()["id"]
+        time.sleep(2 * (attempt + 1))
+    raise SystemExit(f"create_flow_run failed {attempts} times: {r.status_code} {r.text[:500]}")
+
+
 def failed_attribution(page, dep: dict, model_uri: str, out: Path, client, experiment_id: str, mlflow_ui: str) -> dict:
     """A run of the same deployment for a version that does not exist (started through the API: the form was walked
     above): its error lines in the Prefect log, and its MLflow run, FAILED with the reason on its page."""
     wrong = model_uri.rsplit("/", 1)[0] + "/99"
     body = {"parameters": {"model": {"uri": wrong}, "generations": [{"prompt": PROMPT}]}}
-    run_id = httpx.post(f"{prefect_api()}/deployments/{dep['id']}/create_flow_run", json=body, timeout=30).json()["id"]
+    run_id = create_run(dep["id"], body)
     run = wait_for_run(run_id)
     # the worker's process ships its log lines in batches, possibly after the run's final state: wait for them
     deadline = time.monotonic() + 60
