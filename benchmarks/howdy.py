@@ -23,6 +23,13 @@ exact     exact scores: inner products of the uncompressed gradients, streamed c
 precond   (--preconditioners) none / diagonal / EK-FAC preconditioned exact scores, rows layer-normalised, raw
           or cosine (rapidin.precondition fitted on the training rows).
 peers     (--peers) kronfluence 1.0.1 EK-FAC and diagonal on the same rows, generations and target tokens.
+bergson   (--bergson) EleutherAI bergson 2.5.1's per-example gradients (checked equal to ours unprojected), with its
+          per-module random projection (--bergson-dims), scored raw and as cosine.
+int8      (--int8) the default tensor set's largest-K cache stored as int8 (per-row scale) beside fp16: ranking
+          agreement and scan seconds.
+tracin    (--tracin-epochs) exact scores at earlier fine-tune checkpoints; tracin_product: each checkpoint cached
+          by rapidin.cache.build_cache and attributed with the final model by rapidin.attribute(checkpoints=...),
+          equal and learning-rate weights, per K (the flows' default).
 caches    one rapidin gradient cache (plan_cache + committed shards + finalize_cache) per K in --k and
           per parameter set, RapidGrad lam=20, fp16, from the same gradients (sketch time measured per K),
           scanned with rapidin.retrieval.scan; at the largest K, rapidin.attribute(auto_target=...) is run
