@@ -40,3 +40,36 @@ class Int8Rows:
     def float(self) -> torch.Tensor:
         """The rows decoded to float32."""
         return self.values.float() * self.scales[:, None]
+
+
+INT32_EXACT_K = (2**31 - 1) // (127 * 127)  # longest int8 dot product whose int32 sum cannot overflow (133,143)
+
+
+@dataclass(frozen=True)
+class Int8Queries:
+    """Query vectors [Q, K] as a sum of int8 parts, q = sum_p scale_p * part_p up to the last part's rounding, so an
+    int8 row's score is exact int32 arithmetic (torch._int_mm: VNNI/AMX kernels, several times the float32 GEMM's
+    rate) plus that rounding. Each next scale is 1/254 of the last (the rest after rounding fits [-127, 127] again):
+    three parts leave each entry within max|q| / (2 * 127 * 254^2) ~ 6e-8 max|q| of it, float32's own precision."""
+
+    parts: list[torch.Tensor]  # [K, Q] int8 each
+    scales: list[torch.Tensor]  # [Q] float64 each
+
+    @classmethod
+    def split(cls, queries: torch.Tensor, count: int = 3) -> Int8Queries:
+        rest = queries.double()
+        scale = rest.abs().amax(dim=1) / 127
+        scale = torch.where(scale > 0, scale, 1.0)
+        parts, scales = [], []
+        for _ in range(count):
+            part = (rest / scale[:, None]).round_().clamp_(-127, 127)
+            parts.append(part.to(torch.int8).T)  # _int_mm reads the transposed view as is
+            scales.append(scale)
+            rest.addcmul_(part, scale[:, None], value=-1)
+            scale = scale / 254
+        return cls(parts, scales)
+
+    def scores(self, rows: Int8Rows) -> torch.Tensor:
+        """[n, Q] float32 scores of the rows (values x row scale) against the queries."""
+        total = sum(torch._int_mm(rows.values, part).double() * scale for part, scale in zip(self.parts, self.scales))
+        return (total * rows.scales.double()[:, None]).float()

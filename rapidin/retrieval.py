@@ -16,7 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import CacheError
-from .quantize import Int8Rows
+from .quantize import INT32_EXACT_K, Int8Queries, Int8Rows
 
 KINDS = ("helpful", "harmful", "influential")
 
@@ -190,6 +190,26 @@ def shard_scores(vectors: torch.Tensor, queries: torch.Tensor, buffer: torch.Ten
     return scores, buffer
 
 
+INT8_GEMM_MIN_QUERIES = 8  # below this the blocked float32 path is as fast as the int8 GEMM
+
+
+class ShardScorer:
+    """Scores shards against one query matrix, keeping what is reused between shards: the float32 conversion buffer,
+    and for int8 shards scored on the CPU with several queries, the queries split into int8 parts (exact int32
+    products, Int8Queries)."""
+
+    def __init__(self, queries: torch.Tensor) -> None:
+        self.queries, self.buffer, self.int8 = queries, torch.empty(0), None
+
+    def __call__(self, vectors: torch.Tensor | Int8Rows) -> torch.Tensor:
+        if (isinstance(vectors, Int8Rows) and self.queries.device.type == "cpu"
+                and self.queries.shape[0] >= INT8_GEMM_MIN_QUERIES and vectors.shape[1] <= INT32_EXACT_K):
+            self.int8 = self.int8 or Int8Queries.split(self.queries)
+            return self.int8.scores(vectors)
+        scores, self.buffer = shard_scores(vectors, self.queries, self.buffer)
+        return scores
+
+
 def scan(
     shards: Iterable[tuple[torch.Tensor, torch.Tensor]], groups: list[QueryGroup], k: int,
     device: torch.device | str = "cpu", keep_all_scores: bool = False,
@@ -204,9 +224,9 @@ def scan(
     result = new_scan(groups, k, keep_all_scores)
     if keep_all_scores:
         result.queries = queries.cpu()
-    buffer = torch.empty(0)
+    scorer = ShardScorer(queries)
     for vectors, rows in shards:
-        scores, buffer = shard_scores(vectors, queries, buffer)  # [n, Q]
+        scores = scorer(vectors)  # [n, Q]
         result.rows_scanned += rows.numel()
         if keep_all_scores:
             result.all_rows = torch.cat([result.all_rows, rows.long()])
@@ -233,14 +253,14 @@ def scan_checkpoints(streams: list[Iterable[tuple[torch.Tensor, torch.Tensor]]],
     result.whole = [{kd: TopK.empty(kd, k, 1, len(streams)) for kd in KINDS} for _ in matrices[0]]
     if keep_all_scores:
         result.queries = matrices[0].cpu()
-    buffers = [torch.empty(0)] * len(streams)
+    scorers = [ShardScorer(m) for m in matrices]
     for shard, parts in enumerate(zip(*streams, strict=True)):
         rows = parts[0][1]
         per_checkpoint = []
         for c, (vectors, other_rows) in enumerate(parts):
             if not torch.equal(other_rows, rows):
                 raise CacheError(f"checkpoint caches: shard {shard} holds other rows in cache {c} than in cache 0")
-            scores, buffers[c] = shard_scores(vectors, matrices[c], buffers[c])
+            scores = scorers[c](vectors)
             per_checkpoint.append(scores)
             result.bytes_scanned += vectors.numel() * vectors.element_size()
         stacked = torch.stack(per_checkpoint, dim=2)  # [n, G, C]
