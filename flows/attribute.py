@@ -88,7 +88,8 @@ def _attribute(model: ModelSpec, generations: list[Generation], config: Attribut
     t1 = time.perf_counter()
     if tracin and not resolved.checkpoints:
         get_run_logger().info("%s: its fine-tune kept no checkpoints; the final model alone", resolved.pinned().uri)
-    if tracin and resolved.checkpoints:
+        tracin = None
+    if tracin:
         attribution = attribute_checkpoints_task(loaded, store, resolved, generations, config, tracin, device,
                                                  store_url or s.store_url)
         attribution.timings = {"load": load_seconds, **attribution.timings, "total": time.perf_counter() - t0}

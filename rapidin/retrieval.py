@@ -149,13 +149,14 @@ def _top_from(tensors: dict[str, torch.Tensor], prefix: str, kind: str, k: int) 
     return TopK(kind, k, tensors[f"{prefix}.scores"], tensors[f"{prefix}.rows"], tensors.get(f"{prefix}.payload"))
 
 
-def new_scan(groups: list[QueryGroup], k: int, keep_all_scores: bool = False) -> ScanResult:
-    """An empty scan for these query groups."""
+def new_scan(groups: list[QueryGroup], k: int, keep_all_scores: bool = False, payload: int | None = None) -> ScanResult:
+    """An empty scan for these query groups; each kept whole-query row carries its per-token scores, or `payload`
+    values if given (several checkpoints: one score per checkpoint)."""
     result = ScanResult(k, all_scores=[] if keep_all_scores else None,
                         all_rows=torch.zeros(0, dtype=torch.long) if keep_all_scores else None)
     for g in groups:
         t = 0 if g.tokens is None else g.tokens.shape[0]
-        result.whole.append({kd: TopK.empty(kd, k, 1, t) for kd in KINDS})
+        result.whole.append({kd: TopK.empty(kd, k, 1, t if payload is None else payload) for kd in KINDS})
         result.tokens.append(None if g.tokens is None else {kd: TopK.empty(kd, k, t) for kd in KINDS})
         if keep_all_scores:
             result.all_scores.append(torch.zeros(0))
@@ -249,8 +250,7 @@ def scan_checkpoints(streams: list[Iterable[tuple[torch.Tensor, torch.Tensor]]],
     are streamed shard by shard in lockstep (memory flat in N); each kept row's payload is its score per checkpoint.
     With keep_all_scores, all_scores holds every row's summed score (queries: the final model's)."""
     matrices = [q.to(device, torch.float32) for q in queries]
-    result = new_scan([QueryGroup(whole=q) for q in matrices[0]], k, keep_all_scores)
-    result.whole = [{kd: TopK.empty(kd, k, 1, len(streams)) for kd in KINDS} for _ in matrices[0]]
+    result = new_scan([QueryGroup(whole=q) for q in matrices[0]], k, keep_all_scores, payload=len(streams))
     if keep_all_scores:
         result.queries = matrices[0].cpu()
     scorers = [ShardScorer(m) for m in matrices]
