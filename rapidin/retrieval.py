@@ -149,7 +149,8 @@ def _top_from(tensors: dict[str, torch.Tensor], prefix: str, kind: str, k: int) 
     return TopK(kind, k, tensors[f"{prefix}.scores"], tensors[f"{prefix}.rows"], tensors.get(f"{prefix}.payload"))
 
 
-def new_scan(groups: list[QueryGroup], k: int, keep_all_scores: bool = False, payload: int | None = None) -> ScanResult:
+def new_scan(groups: list[QueryGroup], k: int, keep_all_scores: bool = False,
+             payload: int | None = None) -> ScanResult:
     """An empty scan for these query groups; each kept whole-query row carries its per-token scores, or `payload`
     values if given (several checkpoints: one score per checkpoint)."""
     result = ScanResult(k, all_scores=[] if keep_all_scores else None,
