@@ -112,23 +112,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_tiny(workdir: Path, device: str):
+def load_tiny(workdir: Path, device: str, dtype: str = "float32"):
     """The tiny demo Llama (tokenizer trained on toy.demo_rows texts), all Linear weights attributed."""
     from rapidin import toy
     from rapidin.models import ModelRef, load_model
 
     texts = [f"{r['instruction']} {r['output']}" for r in toy.demo_rows()]
     path = toy.build_tiny_llama(workdir / "tiny-llama", texts)
-    return load_model(ModelRef(path=str(path)), device=device)
+    return load_model(ModelRef(path=str(path), dtype=dtype), device=device)
 
 
-def load_smollm2_lora(gguf: str, device: str, r: int = 8):
+def load_smollm2_lora(gguf: str, device: str, r: int = 8, dtype: str = "float32"):
     """SmolLM2 from GGUF with a fresh LoRA adapter whose B is non-zero, so the A gradients are not zero."""
     import torch
     from peft import LoraConfig, get_peft_model
     from rapidin.models import ModelRef, load_model, model_fingerprint
 
-    loaded = load_model(ModelRef(path=gguf), device=device)
+    loaded = load_model(ModelRef(path=gguf, dtype=dtype), device=device)
     torch.manual_seed(0)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                      init_lora_weights=False, task_type="CAUSAL_LM")

@@ -38,7 +38,7 @@ class GradientComputer:
         self.dim = sum(m.weight.numel() for _, m in self.modules)
         head = loaded.model.get_output_embeddings()
         # an attributed output layer needs its input at every position and per example, so it computes all logits
-        self._trim_logits = head is not None and all(m is not head for _, m in self.modules)
+        self.trim_logits = head is not None and all(m is not head for _, m in self.modules)
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +77,7 @@ class GradientComputer:
             p.requires_grad_(id(p) in self._selected)
         handles = [m.register_forward_hook(keep) for _, m in self.modules]
         try:
-            loss = per_example_loss(self.loaded.model, ids, mask, loss_w, self._trim_logits).sum()
+            loss = per_example_loss(self.loaded.model, ids, mask, loss_w, self.trim_logits).sum()
             grads_out = torch.autograd.grad(loss, outputs)
         finally:
             for h in handles:

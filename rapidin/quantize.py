@@ -52,24 +52,29 @@ class Int8Queries:
     rate) plus that rounding. Each next scale is 1/254 of the last (the rest after rounding fits [-127, 127] again):
     three parts leave each entry within max|q| / (2 * 127 * 254^2) ~ 6e-8 max|q| of it, float32's own precision."""
 
-    parts: list[torch.Tensor]  # [K, Q] int8 each
-    scales: list[torch.Tensor]  # [Q] float64 each
+    matrix: torch.Tensor  # [K, P * Q] int8: the P parts side by side, so one integer GEMM scores all of them
+    scales: torch.Tensor  # [P, Q] float64       (at 8 queries 2.8x faster than a GEMM per part; at 64, 1.4x)
 
     @classmethod
-    def split(cls, queries: torch.Tensor, count: int = 3) -> Int8Queries:
-        rest = queries.double()
-        scale = rest.abs().amax(dim=1) / 127
-        scale = torch.where(scale > 0, scale, 1.0)
-        parts, scales = [], []
-        for _ in range(count):
-            part = (rest / scale[:, None]).round_().clamp_(-127, 127)
-            parts.append(part.to(torch.int8).T)  # _int_mm reads the transposed view as is
-            scales.append(scale)
-            rest.addcmul_(part, scale[:, None], value=-1)
-            scale = scale / 254
-        return cls(parts, scales)
+    def split(cls, queries: torch.Tensor, count: int = 3, block: int = 2048) -> Int8Queries:
+        first = queries.abs().amax(dim=1).double() / 127
+        scales = torch.stack([torch.where(first > 0, first, 1.0) / 254**p for p in range(count)])  # [P, Q]
+        parts = torch.empty(count, *queries.shape, dtype=torch.int8)
+        for start in range(0, queries.shape[1], block):  # a block of columns at a time stays in cache: 4x faster
+            rest = queries[:, start : start + block].double()
+            for p, scale in enumerate(scales[:, :, None]):
+                part = (rest / scale).round_().clamp_(-127, 127)
+                parts[p, :, start : start + block] = part
+                rest.addcmul_(part, scale, value=-1)
+        return cls(parts.flatten(0, 1).T, scales)  # _int_mm reads the transposed view as is
+
+    @property
+    def parts(self) -> list[torch.Tensor]:
+        """The int8 parts, [K, Q] each."""
+        return list(self.matrix.tensor_split(len(self.scales), dim=1))
 
     def scores(self, rows: Int8Rows) -> torch.Tensor:
         """[n, Q] float32 scores of the rows (values x row scale) against the queries."""
-        total = sum(torch._int_mm(rows.values, part).double() * scale for part, scale in zip(self.parts, self.scales))
+        products = torch._int_mm(rows.values, self.matrix).view(rows.shape[0], *self.scales.shape)
+        total = (products.double() * self.scales).sum(1)
         return (total * rows.scales.double()[:, None]).float()

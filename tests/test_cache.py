@@ -260,18 +260,19 @@ def test_int8_cache_scores_within_the_quantisation_bound(tiny, toy_data, tmp_pat
     assert tw.generations[0].influential[0].train_token_scores
 
 
-def test_int8_gemm_scores_are_exact_up_to_the_query_split():
-    """With several queries an int8 shard is scored by exact int32 products of its values and the queries' three int8
-    parts (Int8Queries): each score is within row_scale * sum_i |v_i| * (last part's scale / 2) of the exact score of
-    the stored rows (the parts' rounding), plus float32 rounding of the result. ShardScorer takes that path from
-    INT8_GEMM_MIN_QUERIES queries on, and the blocked float32 path below."""
+def test_int8_gemm_scores_are_exact_up_to_the_query_split(monkeypatch):
+    """On the CPU an int8 shard is scored by exact int32 products of its values and the queries' three int8 parts
+    (Int8Queries): each score is within row_scale * sum_i |v_i| * (last part's scale / 2) of the exact score of the
+    stored rows (the parts' rounding), plus float32 rounding of the result. ShardScorer takes that path for any number
+    of queries, and the blocked float32 path when an int32 sum could overflow (K > INT32_EXACT_K)."""
+    import rapidin.retrieval as retrieval
     from rapidin.quantize import Int8Queries, Int8Rows
-    from rapidin.retrieval import INT8_GEMM_MIN_QUERIES, ShardScorer, shard_scores
+    from rapidin.retrieval import ShardScorer, shard_scores
 
     gen = torch.Generator().manual_seed(0)
     k = 3000
     rows = Int8Rows.quantize(torch.randn(37, k, generator=gen) * torch.logspace(-3, 2, 37)[:, None])
-    queries = torch.randn(INT8_GEMM_MIN_QUERIES, k, generator=gen) * torch.logspace(-2, 1, 8)[:, None]
+    queries = torch.randn(8, k, generator=gen) * torch.logspace(-2, 1, 8)[:, None]
     split = Int8Queries.split(queries)
     assert len(split.parts) == 3 and torch.allclose(split.scales[-1], queries.abs().amax(1).double() / 127 / 254**2)
     values, scales = rows.values.double(), rows.scales.double()[:, None]
@@ -281,4 +282,6 @@ def test_int8_gemm_scores_are_exact_up_to_the_query_split():
     assert got.dtype == torch.float32 and ((got.double() - exact).abs() <= bound).all()
     assert torch.equal(ShardScorer(queries)(rows), got)  # the int8 GEMM path
     one = queries[:1]
+    assert torch.equal(ShardScorer(one)(rows), Int8Queries.split(one).scores(rows))  # for one query too
+    monkeypatch.setattr(retrieval, "INT32_EXACT_K", k - 1)
     assert torch.equal(ShardScorer(one)(rows), shard_scores(rows, one, torch.empty(0))[0])  # the float32 path

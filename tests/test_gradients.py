@@ -56,6 +56,24 @@ def test_batched_equals_loop_float64(tiny, toy_data):
         assert relative_error(batched[b], brute_force(tiny, computer, item)) < 1e-10
 
 
+def test_half_precision_on_cpu_attends_eagerly_with_the_same_math(tiny, tiny_dir, toy_data):
+    """bfloat16 on a CPU loads eager attention (for speed); the math is the same: in float64 its batched gradients
+    equal the default (SDPA) model's brute-force loop within float32's bound (eager attention takes its softmax in
+    float32 whatever the model's dtype: u = 2^-24 over ~170-term reductions, as in the float32 test below)."""
+    from rapidin.models import ModelRef, load_model
+
+    half = load_model(ModelRef(path=tiny_dir, dtype="bfloat16"), device="cpu")
+    assert half.model.config._attn_implementation == "eager"
+    assert tiny.model.config._attn_implementation != "eager"
+    tiny.model.double()
+    half.model.double().load_state_dict(tiny.model.state_dict())  # the weights' bits lost in bfloat16
+    items = items_of(tiny, toy_data)
+    batched = GradientComputer(half, GradientConfig(batch_size=6)).gradients(items)
+    computer = GradientComputer(tiny, GradientConfig())
+    for b, item in enumerate(items):
+        assert relative_error(batched[b], brute_force(tiny, computer, item)) < 1e-5
+
+
 def test_batched_equals_loop_float32(tiny, toy_data):
     computer = GradientComputer(tiny, GradientConfig())
     items = items_of(tiny, toy_data)

@@ -1,5 +1,7 @@
 """Streaming top-k equals a brute-force ranking; partial scans merge exactly."""
 
+import itertools
+
 import torch
 
 from rapidin.retrieval import KINDS, QueryGroup, ScanResult, scan
@@ -21,7 +23,11 @@ def make(n=300, dim=32, seed=0):
     vectors = torch.randn(n, dim, generator=gen).half()
     vectors[50] = vectors[10]  # exact ties
     vectors[51] = -vectors[10]
-    groups = [QueryGroup(torch.randn(dim, generator=gen), torch.randn(4, dim, generator=gen)), QueryGroup(vectors[10].float())]
+    # generations with equal token counts (or none) are merged side by side: families of 2, 2 and 1 here
+    groups = [QueryGroup(torch.randn(dim, generator=gen), torch.randn(4, dim, generator=gen)),
+              QueryGroup(vectors[10].float()), QueryGroup(torch.randn(dim, generator=gen)),
+              QueryGroup(torch.randn(dim, generator=gen), torch.randn(2, dim, generator=gen)),
+              QueryGroup(torch.randn(dim, generator=gen), torch.randn(4, dim, generator=gen))]
     return vectors, groups
 
 
@@ -38,9 +44,11 @@ def test_scan_equals_brute_force():
             if group.tokens is not None:  # payload = per-token scores of the kept rows
                 assert torch.allclose(top.payload[:, 0], vectors[rows].float() @ group.tokens.T, atol=1e-5)
         if group.tokens is not None:
-            for j in range(group.tokens.shape[0]):
-                rows, _ = brute(vectors.float() @ group.tokens[j], "helpful", 7)
-                assert result.tokens[g]["helpful"].rows[:, j].tolist() == rows
+            for j, kind in itertools.product(range(group.tokens.shape[0]), KINDS):
+                rows, _ = brute(vectors.float() @ group.tokens[j], kind, 7)
+                assert result.tokens[g][kind].rows[:, j].tolist() == rows
+        else:
+            assert result.tokens[g] is None
     assert result.whole[1]["helpful"].rows[:2, 0].tolist() == [10, 50]  # tie broken by row number
     assert result.rows_scanned == 300 and result.bytes_scanned == vectors.numel() * 2
 
@@ -58,7 +66,8 @@ def test_merge_of_partial_scans_equals_one_scan():
             assert torch.equal(merged.whole[g][kind].scores, whole.whole[g][kind].scores)
             if whole.whole[g][kind].payload is not None:
                 assert torch.equal(merged.whole[g][kind].payload, whole.whole[g][kind].payload)
-    assert torch.equal(merged.tokens[0]["harmful"].rows, whole.tokens[0]["harmful"].rows)
+    for g in (0, 3, 4):
+        assert torch.equal(merged.tokens[g]["harmful"].rows, whole.tokens[g]["harmful"].rows)
     assert merged.rows_scanned == 300
 
 
