@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--groups", type=int, nargs="+", default=[1, 2], help="shard groups (one worker queue each)")
     p.add_argument("--deployment", default="scan-shards/gpu")
+    p.add_argument("--cache-url", nargs="+", default=[], help="scan these complete caches (e.g. built by "
+                   "speed_fanout_build.py) instead of synthetic ones (their K must equal --k)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows._fanout import fan_out
     from rapidin.retrieval import KINDS, QueryGroup, scan
+    from rapidin.store import CacheStore
     from tasks.common import ScanGroup, settings, split_groups
     from tasks.scan import merge_scans, write_queries
 
@@ -91,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                                             for g in range(len(groups))]}
 
     results = []
-    for rows in a.rows:
-        url = f"{s.store_url.rstrip('/')}/bench-synthetic/{rows}-{a.k}"
-        store, manifest = synthetic_cache(url, rows, a.k, a.shard_rows, s.storage_options(url))
+    for rows, url in ([(None, u) for u in a.cache_url] or
+                      [(n, f"{s.store_url.rstrip('/')}/bench-synthetic/{n}-{a.k}") for n in a.rows]):
+        if rows is None:
+            store = CacheStore(url, s.storage_options(url))
+            manifest = store.read_manifest()
+            rows = manifest.num_rows
+        else:
+            store, manifest = synthetic_cache(url, rows, a.k, a.shard_rows, s.storage_options(url))
         t0 = time.perf_counter()
         local = scan((sv for _, *sv in store.iter_shards(manifest.shards, False)), groups, a.top_k)
         local_seconds = time.perf_counter() - t0

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import GradientConfig, SketchConfig
-from .data import DataFormat, Example, Tokenized, dataset_fingerprint, load_examples, tokenize
+from .data import DataFormat, Example, Tokenized, dataset_fingerprint, load_examples, tokenize_many
 from .errors import CacheError, DataError
 from .gradients import GradientComputer, length_batches
 from .models import LoadedModel
@@ -40,22 +40,34 @@ class CachePlan:
     examples: list[Example]
     items: list[Tokenized | None]  # None = bad row, skipped
     notice: str | None = None  # set when the stored plan overrides this request's shard_rows / batch_size
+    shards: frozenset[int] | None = None  # the only shards whose rows were tokenized (None: all)
 
 
 def plan_cache(
     loaded: LoadedModel, data_url: str, store_url: str, sketch: SketchConfig = SketchConfig(),
     gradient: GradientConfig = GradientConfig(), shard_rows: int = 256, fmt: DataFormat = "auto",
     skip_bad_rows: bool = False, storage_options: dict | None = None, data_storage_options: dict | None = None,
+    shards: Sequence[int] | None = None,
 ) -> CachePlan:
-    """Read and tokenize the data, fix the sketch and cache id, and write the manifest draft."""
+    """Read and tokenize the data, fix the sketch and cache id, and write the manifest draft. With `shards` (a worker
+    building those of an already planned cache), only their rows are tokenized: each of two workers tokenizing all
+    of a million rows took minutes and 4 GB before it computed a gradient."""
     examples, fmt = load_examples(data_url, fmt, loaded.tokenizer, data_storage_options)
-    items = [_tokenize_row(loaded, data_url, ex, gradient.max_length, skip_bad_rows) for ex in examples]
     computer = GradientComputer(loaded, gradient)
     spec = make_spec(sketch, computer.dim, computer.layout)
     data_fp = dataset_fingerprint(examples, fmt)
     cache_id = compute_cache_id(loaded.fingerprint, data_fp, gradient, spec, computer.layout)
     url = CacheStore.location(store_url, loaded.name, loaded.version, cache_id)
     store = CacheStore(url, storage_options)
+    if shards is not None and store.exists("manifest.json"):
+        stored = store.read_manifest()
+        wanted = sorted({r for i in shards for r in range(*stored.shard_range(i))})
+        items: list[Tokenized | None] = [None] * len(examples)
+        for r, item in zip(wanted, _tokenize_rows(loaded, data_url, [examples[r] for r in wanted],
+                                                  gradient.max_length, skip_bad_rows), strict=True):
+            items[r] = item
+        return CachePlan(store, stored, examples, items, shards=frozenset(shards))
+    items = _tokenize_rows(loaded, data_url, examples, gradient.max_length, skip_bad_rows)
     manifest = Manifest(
         cache_id=cache_id,
         model={"name": loaded.name, "version": loaded.version, "fingerprint": loaded.fingerprint,
@@ -82,8 +94,13 @@ def _plan_notice(stored: Manifest, requested: Manifest) -> str | None:
     return f"cache {stored.cache_id} was started with {diff}: resuming with its stored plan, so its bytes match an uninterrupted build"
 
 
-def _tokenize_row(loaded: LoadedModel, url: str, ex: Example, max_length: int, skip: bool) -> Tokenized | None:
-    item = tokenize(loaded.tokenizer, ex.prompt, ex.response, max_length)
+def _tokenize_rows(loaded: LoadedModel, url: str, examples: list[Example], max_length: int,
+                   skip: bool) -> list[Tokenized | None]:
+    items = tokenize_many(loaded.tokenizer, [(ex.prompt, ex.response) for ex in examples], max_length)
+    return [_checked(url, ex, item, max_length, skip) for ex, item in zip(examples, items, strict=True)]
+
+
+def _checked(url: str, ex: Example, item: Tokenized, max_length: int, skip: bool) -> Tokenized | None:
     if ex.response.strip() and len(item.input_ids) > item.prompt_len:
         return item
     if skip:
@@ -111,6 +128,8 @@ def build_shards(
     computer = GradientComputer(loaded, manifest.gradient, projector(sketch))
     dtype = DTYPES[manifest.sketch.config.dtype]
     todo = list(range(manifest.num_shards)) if indices is None else list(indices)
+    if plan.shards is not None and not plan.shards.issuperset(todo):
+        raise ValueError(f"this plan tokenized the rows of shards {sorted(plan.shards)} only, not {todo}")
     done: list[ShardInfo] = []
     # `with`: a failure closes the bar first, so the CLI's one-line error starts on a line of its own
     with tqdm(total=sum(_rows(manifest, i) for i in todo), desc="caching gradients", unit="ex",

@@ -34,8 +34,9 @@ class GroupReport(BaseModel):
     seconds: float
 
 
-def plan_job(job: CacheJob) -> tuple[CachePlan, LoadedModel, float]:
-    """Resolve and load the job's model (memoised) and plan its cache; returns plan, model, load seconds."""
+def plan_job(job: CacheJob, shards: list[int] | None = None) -> tuple[CachePlan, LoadedModel, float]:
+    """Resolve and load the job's model (memoised) and plan its cache (only these shards' rows tokenized, if given);
+    returns plan, model, load seconds."""
     s = settings()
     resolved = resolve(job.model, s)
     t0 = time.perf_counter()
@@ -44,7 +45,7 @@ def plan_job(job: CacheJob) -> tuple[CachePlan, LoadedModel, float]:
     plan = plan_cache(loaded, job.data_url, job.store_url, sketch=job.sketch, gradient=job.gradient,
                       shard_rows=job.shard_rows, fmt=job.fmt, skip_bad_rows=job.skip_bad_rows,
                       storage_options=s.storage_options(job.store_url),
-                      data_storage_options=s.storage_options(job.data_url))
+                      data_storage_options=s.storage_options(job.data_url), shards=shards)
     if job.cache_id and plan.manifest.cache_id != job.cache_id:
         raise CacheError(f"planned cache {plan.manifest.cache_id} but the job expects {job.cache_id}: this worker sees "
                          "another model, data set or sketch than the flow that dispatched it")
@@ -75,7 +76,7 @@ def plan_cache_task(job: CacheJob) -> PlanInfo:
 def build_group(group: ShardGroup, on_progress=None) -> GroupReport:
     """Build the group's shards (skipping committed ones) and write its report next to the other groups'."""
     t0 = time.perf_counter()
-    plan, loaded, load_seconds = plan_job(group.job)
+    plan, loaded, load_seconds = plan_job(group.job, group.shards)
 
     rows = {"done": 0, "total": sum(b - a for a, b in map(plan.manifest.shard_range, group.shards))}
 

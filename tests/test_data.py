@@ -50,6 +50,23 @@ def test_prompt_tokens_are_masked_and_truncation_flagged(tiny):
     assert short.truncated and len(short.input_ids) == item.prompt_len + 2
 
 
+def test_batched_tokenization_equals_one_row_at_a_time(tiny):
+    """tokenize_many calls the tokenizer on chunks of rows (7 here: several chunks, the last partial); each row must
+    get exactly the ids of its own calls, truncated as one row would be."""
+    from rapidin import toy
+    from rapidin.data import tokenize_many
+
+    tok = tiny.tokenizer
+    pairs = [(r["instruction"], r["output"]) for r in toy.demo_rows(30)]
+    for max_length in (512, 12):
+        got = tokenize_many(tok, pairs, max_length, chunk=7)
+        for (prompt, response), item in zip(pairs, got, strict=True):
+            ids = tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert item.input_ids == ids[:max_length] and item.truncated == (len(ids) > max_length)
+            assert item.prompt_len == len(tok(prompt)["input_ids"])
+    assert tokenize_many(tok, [], 512) == []
+
+
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [

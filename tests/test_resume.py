@@ -147,3 +147,23 @@ def test_vectors_across_batch_sizes_agree_to_rounding(tiny, toy_data, tmp_path):
     va, vb = load((tmp_path / "a").as_uri(), a).double(), load((tmp_path / "b").as_uri(), b).double()
     scale = torch.maximum(va.norm(dim=1), vb.norm(dim=1))
     assert ((va - vb).norm(dim=1) <= 3 * 2.0**-12 * scale).all()
+
+
+def test_workers_tokenize_only_their_shards_and_build_the_same_bytes(tiny, toy_data, tmp_path):
+    """A worker building some shards of a planned cache tokenizes only their rows (with a million rows, each worker
+    tokenized all of them for minutes first); two such workers give the bytes of one uninterrupted build, and a
+    worker's plan refuses shards it did not tokenize."""
+    options = dict(sketch=SKETCH, gradient=GradientConfig(max_length=96, batch_size=3), shard_rows=4)
+    full = plan_cache(tiny, toy_data, (tmp_path / "store").as_uri(), **options)  # the flow's plan: the manifest
+    n = full.manifest.num_shards
+    assert n >= 3 and all(it is not None for it in full.items)
+    for shards in (list(range(0, n, 2)), list(range(1, n, 2))):
+        part = plan_cache(tiny, toy_data, (tmp_path / "store").as_uri(), shards=shards, **options)
+        wanted = sorted(r for i in shards for r in range(*full.manifest.shard_range(i)))
+        assert [r for r, it in enumerate(part.items) if it is not None] == wanted
+        with pytest.raises(ValueError, match="tokenized the rows of shards"):
+            build_shards(part, tiny, indices=[1 - shards[0]], progress=False)
+        build_shards(part, tiny, indices=shards, progress=False)
+    finalize_cache(full)
+    build_cache(tiny, toy_data, (tmp_path / "reference").as_uri(), progress=False, **options)
+    assert shard_files(tmp_path / "store") == shard_files(tmp_path / "reference")

@@ -35,6 +35,13 @@ def test_whole_story_on_the_local_stack(tmp_path):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     try:
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        # the two gpu workers share the cores: torch in each of their runs takes half of them
+        threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+        workers = [svc for svc in json.loads((stack / "state.json").read_text())["services"]
+                   if svc["name"].startswith("worker-gpu")]
+        assert len(workers) == 2 and all(f"OMP_NUM_THREADS={threads}".encode() in
+                                         Path(f"/proc/{svc['pid']}/environ").read_bytes().split(b"\0")
+                                         for svc in workers)
         out = tmp_path / "e2e.json"  # 300 rows: two 256-row shards, one shard group for each of gpu-0 and gpu-1
         run = subprocess.run(["bash", "-c", f'source "{stack}/env.sh" && "{sys.executable}" benchmarks/stack_e2e.py '
                               f'--rows 300 --out "{out}"'], cwd=ROOT, env=env, capture_output=True, text=True,
