@@ -3,6 +3,7 @@ finalize it, and open a finished one only for the model (and sketch) it was buil
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -38,9 +39,17 @@ class CachePlan:
     store: CacheStore
     manifest: Manifest
     examples: list[Example]
-    items: list[Tokenized | None]  # None = bad row, skipped
+    items: list[Tokenized | None]  # None = bad row, skipped; empty when each shard's rows are tokenized as it is built
     notice: str | None = None  # set when the stored plan overrides this request's shard_rows / batch_size
-    shards: frozenset[int] | None = None  # the only shards whose rows were tokenized (None: all)
+    shards: frozenset[int] | None = None  # a worker's plan: the only shards it builds (None: all)
+    tokenize: Callable[[list[Example]], list[Tokenized | None]] | None = None  # set when `items` is empty
+
+    def shard_items(self, index: int) -> tuple[list[int], list[Tokenized]]:
+        """The rows of shard `index` that are not skipped, and their tokens."""
+        start, stop = self.manifest.shard_range(index)
+        items = self.tokenize(self.examples[start:stop]) if self.tokenize else self.items[start:stop]
+        kept = [(r, it) for r, it in zip(range(start, stop), items, strict=True) if it is not None]
+        return [r for r, _ in kept], [it for _, it in kept]
 
 
 def plan_cache(
@@ -50,8 +59,8 @@ def plan_cache(
     shards: Sequence[int] | None = None,
 ) -> CachePlan:
     """Read and tokenize the data, fix the sketch and cache id, and write the manifest draft. With `shards` (a worker
-    building those of an already planned cache), only their rows are tokenized: each of two workers tokenizing all
-    of a million rows took minutes and 4 GB before it computed a gradient."""
+    building those of an already planned cache), each shard's rows are tokenized when it is built: a worker that
+    tokenized all of a million rows first took minutes and 4 GB before its first gradient."""
     examples, fmt = load_examples(data_url, fmt, loaded.tokenizer, data_storage_options)
     computer = GradientComputer(loaded, gradient)
     spec = make_spec(sketch, computer.dim, computer.layout)
@@ -60,14 +69,9 @@ def plan_cache(
     url = CacheStore.location(store_url, loaded.name, loaded.version, cache_id)
     store = CacheStore(url, storage_options)
     if shards is not None and store.exists("manifest.json"):
-        stored = store.read_manifest()
-        wanted = sorted({r for i in shards for r in range(*stored.shard_range(i))})
-        items: list[Tokenized | None] = [None] * len(examples)
-        for r, item in zip(wanted, _tokenize_rows(loaded, data_url, [examples[r] for r in wanted],
-                                                  gradient.max_length, skip_bad_rows), strict=True):
-            items[r] = item
-        return CachePlan(store, stored, examples, items, shards=frozenset(shards))
-    items = _tokenize_rows(loaded, data_url, examples, gradient.max_length, skip_bad_rows)
+        tokenize = functools.partial(_tokenize_rows, loaded, data_url, max_length=gradient.max_length, skip=skip_bad_rows)
+        return CachePlan(store, store.read_manifest(), examples, [], shards=frozenset(shards), tokenize=tokenize)
+    items = _tokenize_rows(loaded, data_url, examples, max_length=gradient.max_length, skip=skip_bad_rows)
     manifest = Manifest(
         cache_id=cache_id,
         model={"name": loaded.name, "version": loaded.version, "fingerprint": loaded.fingerprint,
@@ -94,7 +98,7 @@ def _plan_notice(stored: Manifest, requested: Manifest) -> str | None:
     return f"cache {stored.cache_id} was started with {diff}: resuming with its stored plan, so its bytes match an uninterrupted build"
 
 
-def _tokenize_rows(loaded: LoadedModel, url: str, examples: list[Example], max_length: int,
+def _tokenize_rows(loaded: LoadedModel, url: str, examples: list[Example], *, max_length: int,
                    skip: bool) -> list[Tokenized | None]:
     items = tokenize_many(loaded.tokenizer, [(ex.prompt, ex.response) for ex in examples], max_length)
     return [_checked(url, ex, item, max_length, skip) for ex, item in zip(examples, items, strict=True)]
@@ -129,7 +133,7 @@ def build_shards(
     dtype = DTYPES[manifest.sketch.config.dtype]
     todo = list(range(manifest.num_shards)) if indices is None else list(indices)
     if plan.shards is not None and not plan.shards.issuperset(todo):
-        raise ValueError(f"this plan tokenized the rows of shards {sorted(plan.shards)} only, not {todo}")
+        raise ValueError(f"this worker's plan builds shards {sorted(plan.shards)} only, not {todo}")
     done: list[ShardInfo] = []
     # `with`: a failure closes the bar first, so the CLI's one-line error starts on a line of its own
     with tqdm(total=sum(_rows(manifest, i) for i in todo), desc="caching gradients", unit="ex",
@@ -154,10 +158,9 @@ def _rows(manifest: Manifest, index: int) -> int:
 def _build_shard(plan: CachePlan, computer: GradientComputer, sketch: Sketch, dtype: torch.dtype, index: int,
                  advance: Callable[[int], object]) -> ShardInfo:
     start, stop = plan.manifest.shard_range(index)
-    rows = [r for r in range(start, stop) if plan.items[r] is not None]
+    rows, items = plan.shard_items(index)
     advance(stop - start - len(rows))  # skipped rows count as done
     seconds = {"gradients": 0.0, "sketch": 0.0, "write": 0.0}
-    items = [plan.items[r] for r in rows]
     k = plan.manifest.sketch.config.k
     vectors = torch.zeros(len(rows), k, dtype=dtype)
     scales = torch.zeros(len(rows)) if dtype == torch.int8 else None
@@ -231,6 +234,8 @@ def build_cache(loaded: LoadedModel, data_url: str, store_url: str, progress: bo
 def fit_missing(plan: CachePlan, loaded: LoadedModel, kinds: Sequence[FittedKind], progress: bool = True,
                 ) -> list[PreconditionerRecord]:
     """Fit the preconditioners a complete cache lacks from its own rows and gradient settings."""
+    if plan.shards is not None:
+        raise ValueError("preconditioners are fitted from a plan of every row, not from a worker's plan of some shards")
     computer = GradientComputer(loaded, plan.manifest.gradient)
     return ensure_preconditioners(plan.store, plan.manifest, computer, plan.items, kinds, progress)
 

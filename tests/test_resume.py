@@ -150,18 +150,20 @@ def test_vectors_across_batch_sizes_agree_to_rounding(tiny, toy_data, tmp_path):
 
 
 def test_workers_tokenize_only_their_shards_and_build_the_same_bytes(tiny, toy_data, tmp_path):
-    """A worker building some shards of a planned cache tokenizes only their rows (with a million rows, each worker
-    tokenized all of them for minutes first); two such workers give the bytes of one uninterrupted build, and a
-    worker's plan refuses shards it did not tokenize."""
+    """A worker building some shards of a planned cache tokenizes each shard's rows as it builds it (with a million
+    rows, each worker tokenized all of them for minutes and GBs first); two such workers give the bytes of one
+    uninterrupted build, and a worker's plan refuses shards that are not its own."""
     options = dict(sketch=SKETCH, gradient=GradientConfig(max_length=96, batch_size=3), shard_rows=4)
     full = plan_cache(tiny, toy_data, (tmp_path / "store").as_uri(), **options)  # the flow's plan: the manifest
     n = full.manifest.num_shards
     assert n >= 3 and all(it is not None for it in full.items)
     for shards in (list(range(0, n, 2)), list(range(1, n, 2))):
         part = plan_cache(tiny, toy_data, (tmp_path / "store").as_uri(), shards=shards, **options)
-        wanted = sorted(r for i in shards for r in range(*full.manifest.shard_range(i)))
-        assert [r for r, it in enumerate(part.items) if it is not None] == wanted
-        with pytest.raises(ValueError, match="tokenized the rows of shards"):
+        assert part.items == []  # nothing tokenized up front
+        for i in shards:
+            rows, items = part.shard_items(i)
+            assert rows == list(range(*full.manifest.shard_range(i))) and items == [full.items[r] for r in rows]
+        with pytest.raises(ValueError, match="builds shards"):
             build_shards(part, tiny, indices=[1 - shards[0]], progress=False)
         build_shards(part, tiny, indices=shards, progress=False)
     finalize_cache(full)
