@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128, 
                    help="Tokens per example (rows with no response left are skipped).")
     p.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="Weights dtype of both caching approaches (bfloat16 uses the CPU's bf16 units; LoRA stays fp32).")
+                   help="Weights dtype of both caching approaches (bfloat16: the CPU's bf16 units; LoRA stays fp32).")
     p.add_argument("--batch-size", type=int, default=8, help="Examples per forward/backward in the library path.")
     p.add_argument("--shard-rows", type=int, default=256, help="Rows per shard when caching.")
     p.add_argument("--k", type=int, default=2**16, help="Sketch dimension K.")

@@ -54,7 +54,8 @@ def float32_errors(loaded, config, items, batched, looped) -> dict:
     params = [m.weight for _, m in computer.modules]
     with only_grad(reference.model, params):
         exact = torch.stack([original_gradient(reference, params, it) for it in items])
-    errors = {name: float((g - exact).norm() / exact.norm()) for name, g in (("library", batched), ("original", looped))}
+    errors = {name: float((g - exact).norm() / exact.norm())
+              for name, g in (("library", batched), ("original", looped))}
     log(f"caching: against float32 gradients, library {errors['library']:.2e}, original {errors['original']:.2e}")
     return errors
 
@@ -198,8 +199,8 @@ def bench_caching(label: str, loaded, data_rows: list[dict], args, workdir: Path
         "library": {**new, "examples_per_s": n / new["total"], "runs": new_runs},
         "original": {**orig, "examples_per_s": n / orig["total"], "runs": orig_runs},
         "speedup": orig["total"] / new["total"],
-        "check": {"unsketched_grad_rel_err": grad_rel, "to_float32_rel_err": to_fp32, "vector_rel_err": vec_rel, "max_abs_diff": max_diff,
-                  "max_abs_value": scale, "same": same},
+        "check": {"unsketched_grad_rel_err": grad_rel, "to_float32_rel_err": to_fp32, "vector_rel_err": vec_rel,
+                  "max_abs_diff": max_diff, "max_abs_value": scale, "same": same},
     }
 
 

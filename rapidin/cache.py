@@ -69,7 +69,8 @@ def plan_cache(
     url = CacheStore.location(store_url, loaded.name, loaded.version, cache_id)
     store = CacheStore(url, storage_options)
     if shards is not None and store.exists("manifest.json"):
-        tokenize = functools.partial(_tokenize_rows, loaded, data_url, max_length=gradient.max_length, skip=skip_bad_rows)
+        tokenize = functools.partial(_tokenize_rows, loaded, data_url, max_length=gradient.max_length,
+                                     skip=skip_bad_rows)
         return CachePlan(store, store.read_manifest(), examples, [], shards=frozenset(shards), tokenize=tokenize)
     items = _tokenize_rows(loaded, data_url, examples, max_length=gradient.max_length, skip=skip_bad_rows)
     manifest = Manifest(

@@ -227,7 +227,8 @@ def tokenize_many(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: 
         responses = tokenizer([r for _, r in part], add_special_tokens=False)["input_ids"]
         for prompt_ids, response_ids in zip(prompts, responses, strict=True):
             ids = prompt_ids + response_ids + eos
-            out.append(Tokenized(input_ids=ids[:max_length], prompt_len=len(prompt_ids), truncated=len(ids) > max_length))
+            out.append(Tokenized(input_ids=ids[:max_length], prompt_len=len(prompt_ids),
+                                 truncated=len(ids) > max_length))
     return out
 
 

@@ -116,3 +116,16 @@ def test_stop_pid_refuses_a_reused_pid() -> None:
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def test_gpu_workers_share_the_cores(monkeypatch) -> None:
+    """Each gpu worker is pinned to its GPU and gets cores / workers torch threads, unless the environment says."""
+    from infra.local.stack import gpu_worker_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    env = gpu_worker_env({"A": "1"}, 1, 2)
+    assert env == {"A": "1", "OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": "1"}
+    assert gpu_worker_env({}, 0, 16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert gpu_worker_env({}, 0, 2)["OMP_NUM_THREADS"] == "3"

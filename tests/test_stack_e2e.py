@@ -21,6 +21,12 @@ import pytest
 from infra.local.processes import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 SCREENSHOTS = ROOT / ".rapidin" / "test-artifacts" / "prefect-mlflow-ui"
 
 
@@ -29,17 +35,17 @@ SCREENSHOTS = ROOT / ".rapidin" / "test-artifacts" / "prefect-mlflow-ui"
 def test_whole_story_on_the_local_stack(tmp_path):
     stack = tmp_path / "stack"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAPIDIN_", "PREFECT_", "MLFLOW_"))}
+    # The fanned-out attribution must equal the in-process one bit for bit, and float sums depend on torch's thread
+    # count: the workers take this process's (the stack's cores/N default is tested in test_stack.py).
     env |= {"RAPIDIN_K": "4096", "RAPIDIN_LAM": "4", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": str(torch_threads())}
     up = subprocess.run([sys.executable, "-m", "infra.local.stack", "up", "--dir", str(stack), "--gpu-workers", "2"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     try:
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
-        # the two gpu workers share the cores: torch in each of their runs takes half of them
-        threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
         workers = [svc for svc in json.loads((stack / "state.json").read_text())["services"]
                    if svc["name"].startswith("worker-gpu")]
-        assert len(workers) == 2 and all(f"OMP_NUM_THREADS={threads}".encode() in
+        assert len(workers) == 2 and all(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}".encode() in
                                          Path(f"/proc/{svc['pid']}/environ").read_bytes().split(b"\0")
                                          for svc in workers)
         out = tmp_path / "e2e.json"  # 300 rows: two 256-row shards, one shard group for each of gpu-0 and gpu-1

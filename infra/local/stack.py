@@ -117,13 +117,18 @@ def _running(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in state["services"] if pid_alive(s["pid"]) and _start_time(s["pid"]) in (None, s["started"])]
 
 
+def gpu_worker_env(env: dict[str, str], index: int, gpu_workers: int) -> dict[str, str]:
+    """The environment of the gpu-`index` worker: pinned to GPU `index`, and sharing the machine's cores with the
+    other gpu workers (OMP_NUM_THREADS = cores / workers, torch's threads in its runs, as torchrun does; a value in
+    the environment wins): two runs each taking both of two cores ran a shard group 7x slower than one alone."""
+    share = str(max(1, (os.cpu_count() or 1) // gpu_workers))
+    return {**env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or share, "CUDA_VISIBLE_DEVICES": str(index)}
+
+
 def _start_workers(api: str, gpu_workers: int, stack_dir: Path, env: dict[str, str]) -> list[Service]:
-    """One worker for the cpu pool and one per gpu-i queue (pinned to GPU i), started in parallel. The gpu workers
-    share the machine's cores (OMP_NUM_THREADS, unless set: torch's threads in their runs, as torchrun does): two
-    runs each taking both of two cores ran a shard group 7x slower than one run alone."""
-    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // gpu_workers))}
+    """One worker for the cpu pool and one per gpu-i queue, started in parallel."""
     specs: list[tuple[str, str | None, dict[str, str]]] = [("cpu", None, env)]
-    specs += [("gpu", f"gpu-{i}", {**env, **threads, "CUDA_VISIBLE_DEVICES": str(i)}) for i in range(gpu_workers)]
+    specs += [("gpu", f"gpu-{i}", gpu_worker_env(env, i, gpu_workers)) for i in range(gpu_workers)]
     work = stack_dir / "workers"
     with ThreadPoolExecutor(len(specs)) as ex:
         futs = [ex.submit(start_prefect_worker, pool, api, q, work, e) for pool, q, e in specs]
