@@ -35,8 +35,8 @@ class GroupReport(BaseModel):
 
 
 def plan_job(job: CacheJob, shards: list[int] | None = None) -> tuple[CachePlan, LoadedModel, float]:
-    """Resolve and load the job's model (memoised) and plan its cache (only these shards' rows tokenized, if given);
-    returns plan, model, load seconds."""
+    """Resolve and load the job's model (memoised) and plan its cache (a worker's plan of these shards, if given: each
+    shard's rows tokenized as it is built); returns plan, model, load seconds."""
     s = settings()
     resolved = resolve(job.model, s)
     t0 = time.perf_counter()
