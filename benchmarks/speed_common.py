@@ -51,6 +51,24 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def line_plot(path: Path, title: str, xlabel: str, ylabel: str, series: list[tuple[list, list, str, str]]) -> None:
+    """A PNG of (x, y, matplotlib style, label) lines, without a display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for x, y, style, label in series:
+        ax.plot(x, y, style, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def table(title: str, headers: list[str], rows: list[list]) -> str:
     """A plain fixed-width table (Markdown-compatible)."""
     cells = [[_fmt(c) for c in r] for r in rows]

@@ -127,22 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(results: list[dict], k: int, path: Path) -> None:
     """Seconds against rows: in process, and through the fan-out with each group count."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from speed_common import line_plot
 
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     rows = [r["rows"] for r in results]
-    ax.plot(rows, [r["in_process_seconds"] for r in results], "o-", label="in process (iter_shards + scan)")
-    for n in results[0]["fanout"]:
-        ax.plot(rows, [r["fanout"][n] for r in results], "o-", label=f"fan-out, {n} worker(s), end to end")
-    ax.set_xlabel("cached rows (S3: SeaweedFS)")
-    ax.set_ylabel("seconds")
-    ax.set_title(f"Scan through the deployment fan-out (K = {k}, fp16, 1 query)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    line_plot(path, f"Scan through the deployment fan-out (K = {k}, fp16, 1 query)", "cached rows (S3: SeaweedFS)",
+              "seconds", [(rows, [r["in_process_seconds"] for r in results], "o-", "in process (iter_shards + scan)")]
+              + [(rows, [r["fanout"][n] for r in results], "o-", f"fan-out, {n} worker(s), end to end")
+                 for n in results[0]["fanout"]])
 
 
 if __name__ == "__main__":

@@ -97,22 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(results: list[dict], k: int, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from speed_common import line_plot
 
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     rows = [r["rows"] for r in results]
-    ax.plot(rows, [r["seconds"] for r in results], "o-", label="scan (1 query)")
     slope = results[-1]["seconds"] / rows[-1]
-    ax.plot([0, rows[-1]], [0, slope * rows[-1]], "--", color="grey", label="linear through the largest")
-    ax.set_xlabel("cached rows")
-    ax.set_ylabel("seconds")
-    ax.set_title(f"Retrieval scan time vs rows (K = {k}, fp16, local cache)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    line_plot(path, f"Retrieval scan time vs rows (K = {k}, fp16, local cache)", "cached rows", "seconds",
+              [(rows, [r["seconds"] for r in results], "o-", "scan (1 query)"),
+               ([0, rows[-1]], [0, slope * rows[-1]], "--", "linear through the largest")])
 
 
 if __name__ == "__main__":

@@ -17,16 +17,11 @@ from pathlib import Path
 import shutil
 
 import pytest
+import torch
 
 from infra.local.processes import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 SCREENSHOTS = ROOT / ".rapidin" / "test-artifacts" / "prefect-mlflow-ui"
 
 
@@ -38,7 +33,7 @@ def test_whole_story_on_the_local_stack(tmp_path):
     # The fanned-out attribution must equal the in-process one bit for bit, and float sums depend on torch's thread
     # count: the workers take this process's (the stack's cores/N default is tested in test_stack.py).
     env |= {"RAPIDIN_K": "4096", "RAPIDIN_LAM": "4", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": str(torch_threads())}
+            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     up = subprocess.run([sys.executable, "-m", "infra.local.stack", "up", "--dir", str(stack), "--gpu-workers", "2"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     try:
